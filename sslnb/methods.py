@@ -1,0 +1,342 @@
+"""The methods, assembled from `models` and `losses`, and a registry with the seeds' settings.
+
+Every method is an `nn.Module` with a `backbone`; `forward(x1, x2)` takes the two augmented
+views and returns a dict of named loss terms whose `"loss"` is the total. The training loop
+knows nothing else about a method: it calls `after_step()` after each optimizer step (the
+EMA updates live there), `parameter_groups()` to build the optimizer, and `project(h)` to
+watch the embeddings for collapse.
+
+Seeds: "study" is the VICReg study (000_643f...), "thesis" the thesis (003_4473...).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import losses
+from .models import SplitBatchNorm2d, ema_update, mlp, resnet
+
+
+class Method(nn.Module):
+    """Base class: a CIFAR ResNet backbone plus whatever the method puts on top."""
+
+    num_views = 2  # augmented views per image the loop must produce
+
+    def __init__(self, backbone: str = "resnet18", width: int = 64, norm=nn.BatchNorm2d):
+        super().__init__()
+        self.backbone = resnet(backbone, width, norm)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Embedding of backbone features `h` whose collapse the loop watches."""
+        return self.projector(h)
+
+    def after_step(self) -> None:
+        """Called by the loop after every optimizer step (momentum encoders update here)."""
+
+    def parameter_groups(self) -> list[dict]:
+        """Trainable parameters as optimizer groups; a group may override `lr` or `weight_decay`."""
+        return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad]}]
+
+    @staticmethod
+    def _check_views(*views: torch.Tensor) -> None:
+        if any(v.shape[0] < 2 for v in views):  # BatchNorm and batch statistics need two samples
+            raise ValueError(f"a training batch needs at least 2 samples, got {views[0].shape[0]}")
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+class SimCLR(Method):
+    """[0] SimCLR, 2020, arXiv:2002.05709. Projection 512->512->128 (no BN, as the thesis's
+    two-layer head), NT-Xent with temperature 0.5. Both seeds describe it; neither ran it."""
+
+    def __init__(self, backbone="resnet18", width=64, proj_dims=(512, 128), temperature=0.5):
+        super().__init__(backbone, width)
+        self.projector = mlp([self.backbone.feature_dim, *proj_dims], batch_norm=False)
+        self.temperature = temperature
+
+    def forward(self, x1, x2, labels=None):
+        self._check_views(x1, x2)
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        return {"loss": losses.nt_xent(z1, z2, self.temperature)}
+
+
+class MoCo(Method):
+    """[0] MoCo, 2020, arXiv:1911.05722; thesis sec. 4.6.1: projection 512->512->128,
+    queue K=4096, key-encoder momentum 0.99, temperature 0.1.
+
+    As in the MoCo authors' CIFAR-10 demo (the thesis's settings match it), the loss is
+    symmetrized and both views' keys are enqueued. One GPU has no cross-GPU shuffling BN, so
+    BatchNorm statistics would leak which key is the positive; we emulate shuffle-BN: the
+    backbones use `SplitBatchNorm2d` (8 groups, like 8 GPUs) and the key batch is shuffled
+    before the key encoder and unshuffled after, so a key never shares BN statistics with
+    its query.
+    """
+
+    def __init__(self, backbone="resnet18", width=64, proj_dims=(512, 128), queue_size=4096, ema=0.99,
+                 temperature=0.1, bn_splits=8):
+        norm = functools.partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
+        super().__init__(backbone, width, norm)
+        self.projector = mlp([self.backbone.feature_dim, *proj_dims], batch_norm=False)
+        self.key_backbone, self.key_projector = _frozen_copy(self.backbone), _frozen_copy(self.projector)
+        self.ema, self.temperature, self.bn_splits = ema, temperature, bn_splits
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dims[-1]), dim=1))  # [K, D]
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def keys(self, x):
+        perm = torch.randperm(len(x), device=x.device)  # shuffle-BN emulation
+        k = self.key_projector(self.key_backbone(x[perm]))
+        return F.normalize(k[torch.argsort(perm)], dim=1)
+
+    def forward(self, x1, x2, labels=None):
+        self._check_views(x1, x2)
+        if x1.shape[0] % self.bn_splits:
+            raise ValueError(f"MoCo: batch {x1.shape[0]} must be a multiple of bn_splits={self.bn_splits}")
+        q1, q2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        k1, k2 = self.keys(x1), self.keys(x2)
+        queue = self.queue.clone()  # the enqueue below must not change what backward sees
+        loss = 0.5 * (losses.info_nce(q1, k2, queue, self.temperature) + losses.info_nce(q2, k1, queue, self.temperature))
+        if self.training:
+            self._enqueue(torch.cat([k1, k2]))
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def _enqueue(self, k):
+        k = losses.gather(k)
+        size = self.queue.shape[0]
+        if size % len(k):
+            raise ValueError(f"MoCo: queue_size {size} must be a multiple of the keys per step ({len(k)} = 2 x batch)")
+        idx = (self.queue_ptr + torch.arange(len(k), device=k.device)) % size  # stays on the device
+        self.queue.index_copy_(0, idx, k.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + len(k)) % size)
+
+    def after_step(self):
+        ema_update([self.key_backbone, self.key_projector], [self.backbone, self.projector], self.ema)
+
+
+class BYOL(Method):
+    """[0] BYOL, 2020, arXiv:2006.07733; thesis sec. 4.6.2: projection 512->4096->256,
+    predictor 256->4096->256, target EMA 0.9 constant (the thesis; the paper uses
+    0.996 -> 1), symmetric negative cosine with a stop-gradient on the target.
+
+    `predictor_lr` / `predictor_weight_decay` (None: the optimizer's) give the predictor
+    its own parameter group: the thesis's experiments 4.7.3 and 4.7.4 turn these knobs.
+    """
+
+    def __init__(self, backbone="resnet18", width=64, proj_dims=(4096, 256), pred_hidden=4096, ema=0.9,
+                 predictor_lr=None, predictor_weight_decay=None):
+        super().__init__(backbone, width)
+        self.projector = mlp([self.backbone.feature_dim, *proj_dims])
+        self.predictor = mlp([proj_dims[-1], pred_hidden, proj_dims[-1]]) if pred_hidden else None
+        self.target_backbone, self.target_projector = _frozen_copy(self.backbone), _frozen_copy(self.projector)
+        self.ema, self.predictor_lr, self.predictor_weight_decay = ema, predictor_lr, predictor_weight_decay
+
+    def predict(self, z):
+        return self.predictor(z)
+
+    def forward(self, x1, x2, labels=None):
+        self._check_views(x1, x2)
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        p1, p2 = self.predict(z1), self.predict(z2)
+        with torch.no_grad():  # the stop-gradient: targets come from the EMA network
+            t1 = self.target_projector(self.target_backbone(x1))
+            t2 = self.target_projector(self.target_backbone(x2))
+        return {"loss": 0.5 * (losses.negative_cosine(p1, t2) + losses.negative_cosine(p2, t1))}
+
+    def after_step(self):
+        ema_update([self.target_backbone, self.target_projector], [self.backbone, self.projector], self.ema)
+
+    def parameter_groups(self):
+        pred = list(self.predictor.parameters()) if self.predictor is not None else []
+        online = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("predictor.")]
+        group = {"name": "predictor", "params": pred}
+        if self.predictor_lr is not None:
+            group["lr"] = self.predictor_lr
+        if self.predictor_weight_decay is not None:
+            group["weight_decay"] = self.predictor_weight_decay
+        return [{"name": "online", "params": online}] + ([group] if pred else [])
+
+
+class DirectPred(BYOL):
+    """[0] DirectPred, 2021, arXiv:2102.06810; thesis sec. 3.2 and 4.6.5.
+
+    BYOL with a linear predictor that is set, not learned: F <- rho F + (1 - rho) E[z z^T]
+    (uncentered, online projections, both views), F = U diag(s) U^T, s clamped at 0 and
+    divided by its largest value, p = sqrt(s) + eps, W_p = U diag(p) U^T. The thesis uses
+    rho = 0.99 and eps = 0.1 (the paper 0.3 and 0.01). W_p gets no gradient and no weight
+    decay, but gradients flow through it into the projector.
+    """
+
+    def __init__(self, backbone="resnet18", width=64, proj_dims=(4096, 256), ema=0.9, f_momentum=0.99, eps=0.1):
+        super().__init__(backbone, width, proj_dims, pred_hidden=0, ema=ema)  # no learned predictor
+        d = proj_dims[-1]
+        self.f_momentum, self.eps = f_momentum, eps
+        self.register_buffer("F", torch.zeros(d, d))
+        self.register_buffer("F_initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("predictor_weight", torch.eye(d))
+
+    @torch.no_grad()
+    def update_predictor(self, z1, z2):
+        """Fold this batch's correlation into F and set W_p from F's eigendecomposition."""
+        with torch.autocast(device_type=z1.device.type, enabled=False):
+            z1, z2 = z1.float(), z2.float()
+            corr = 0.5 * (z1.T @ z1 / len(z1) + z2.T @ z2 / len(z2))  # [D, D], not centred
+            rho = self.f_momentum
+            self.F.copy_(torch.where(self.F_initialized, rho * self.F + (1 - rho) * corr, corr))
+            self.F_initialized.fill_(True)
+            s, U = torch.linalg.eigh(self.F)  # symmetric: real eigenvalues, ascending
+            s = s.clamp(min=0)
+            s_max = s.max()
+            s = s / torch.where(s_max > 0, s_max, torch.ones_like(s_max))  # guard an all-zero F
+            p = s.sqrt() + self.eps
+            self.predictor_weight.copy_(U @ torch.diag(p) @ U.T)
+
+    def predict(self, z):
+        return z @ self.predictor_weight  # W_p is symmetric: z W_p = (W_p z^T)^T
+
+    def forward(self, x1, x2, labels=None):
+        self._check_views(x1, x2)
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        if self.training:
+            self.update_predictor(z1.detach(), z2.detach())
+        p1, p2 = self.predict(z1), self.predict(z2)
+        with torch.no_grad():
+            t1 = self.target_projector(self.target_backbone(x1))
+            t2 = self.target_projector(self.target_backbone(x2))
+        return {"loss": 0.5 * (losses.negative_cosine(p1, t2) + losses.negative_cosine(p2, t1))}
+
+
+class SimSiam(Method):
+    """[0] SimSiam, 2021, arXiv:2011.10566; thesis sec. 4.6.3: projection 512->2048->2048->2048
+    (BN after every layer, the last without affine), predictor 2048->512->2048, symmetric
+    negative cosine with a stop-gradient on the target branch.
+
+    `use_predictor=False` is the thesis's sec. 4.7.1 ablation, which collapses.
+    """
+
+    def __init__(self, backbone="resnet18", width=64, proj_dims=(2048, 2048, 2048), pred_hidden=512,
+                 use_predictor=True):
+        super().__init__(backbone, width)
+        self.projector = mlp([self.backbone.feature_dim, *proj_dims], last_batch_norm=True)
+        self.predictor = mlp([proj_dims[-1], pred_hidden, proj_dims[-1]]) if use_predictor else nn.Identity()
+
+    def forward(self, x1, x2, labels=None):
+        self._check_views(x1, x2)
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        loss = 0.5 * (losses.negative_cosine(p1, z2.detach()) + losses.negative_cosine(p2, z1.detach()))
+        return {"loss": loss}
+
+
+class BarlowTwins(Method):
+    """[0] Barlow Twins, 2021, arXiv:2103.03230; thesis sec. 2.5 and 4.6.4: projection
+    512->2048->2048->2048 (three layers), lambda = 0.005."""
+
+    def __init__(self, backbone="resnet18", width=64, proj_dims=(2048, 2048, 2048), lambd=0.005):
+        super().__init__(backbone, width)
+        self.projector = mlp([self.backbone.feature_dim, *proj_dims])
+        self.lambd = lambd
+
+    def forward(self, x1, x2, labels=None):
+        self._check_views(x1, x2)
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        return {"loss": losses.barlow_twins(z1, z2, self.lambd)}
+
+
+class VICReg(Method):
+    """[0] VICReg, 2022, arXiv:2105.04906; study sec. 2.2: ResNet-34, expander
+    512->2048->2048->2048 (BN + ReLU between, last linear without bias), lambda=mu=25, nu=1.
+    Returns the three unweighted terms beside the total, as the study plots them (fig. 3)."""
+
+    def __init__(self, backbone="resnet34", width=64, proj_dims=(2048, 2048, 2048), inv_weight=25.0,
+                 var_weight=25.0, cov_weight=1.0):
+        super().__init__(backbone, width)
+        self.projector = mlp([self.backbone.feature_dim, *proj_dims], last_bias=False)
+        self.weights = dict(inv_weight=inv_weight, var_weight=var_weight, cov_weight=cov_weight)
+
+    def forward(self, x1, x2, labels=None):
+        self._check_views(x1, x2)
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        return losses.vicreg(z1, z2, **self.weights)
+
+
+class Supervised(Method):
+    """The supervised baseline: backbone + linear classifier, cross-entropy on one view
+    (thesis table 4.2: ResNet-18, 200 epochs, 92.34%)."""
+
+    num_views = 1
+
+    def __init__(self, backbone="resnet18", width=64, num_classes=10):
+        super().__init__(backbone, width)
+        self.classifier = nn.Linear(self.backbone.feature_dim, num_classes)
+
+    def project(self, h):
+        return h
+
+    def forward(self, x, labels):
+        self._check_views(x)
+        logits = self.classifier(self.backbone(x))
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        return {"loss": F.cross_entropy(logits.float(), labels), "accuracy": accuracy}
+
+
+# -- the registry --------------------------------------------------------------------------
+
+# Thesis sec. 4.2-4.4: ResNet-18, batch 512, 400 epochs, SGD momentum 0.9, cosine decay to 0,
+# no warm-up, the base lr as given (not rescaled by batch size). Weight decay is not in the
+# thesis: 5e-4 is pinned from the lightly CIFAR-10 benchmark its code was built on.
+THESIS = dict(backbone="resnet18", epochs=400, batch_size=512, optimizer="sgd", momentum=0.9,
+              weight_decay=5e-4, warmup_epochs=0, final_lr=0.0, lr_batch_scaling=False)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    cls: type
+    train: dict  # TrainConfig defaults (sslnb.train) from the seeds
+    quick: dict = field(default_factory=dict)  # method kwargs for quick mode (tiny data)
+    source: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {
+    "simclr": MethodSpec(SimCLR, {**THESIS, "lr": 0.06}, source="lr as the thesis's other methods (neither seed ran SimCLR)"),
+    # quick mode: a queue of at most a quarter of digits' 1,437 images, so a key never meets its own stale copy
+    "moco": MethodSpec(MoCo, {**THESIS, "lr": 0.06}, quick={"queue_size": 256}, source="thesis 4.6.1"),
+    "byol": MethodSpec(BYOL, {**THESIS, "lr": 0.06}, source="thesis 4.6.2"),
+    "simsiam": MethodSpec(SimSiam, {**THESIS, "lr": 0.04}, source="thesis 4.6.3"),
+    "barlow_twins": MethodSpec(BarlowTwins, {**THESIS, "lr": 0.06}, source="thesis 4.6.4"),
+    "directpred": MethodSpec(DirectPred, {**THESIS, "lr": 0.06}, source="thesis 4.6.5"),
+    # study sec. 3.2.1: LARS, lr = 0.2 * batch / 256, weight decay 1e-5, batch 128, 10 warm-up
+    # epochs from 0, cosine to 0.002, 100 epochs; snapshots at 50 and 100 (sec. 3.3.1)
+    "vicreg": MethodSpec(VICReg, dict(backbone="resnet34", epochs=100, batch_size=128, optimizer="lars", lr=0.2,
+                                      lr_batch_scaling=True, momentum=0.9, weight_decay=1e-5, warmup_epochs=10,
+                                      final_lr=0.002, snapshot_epochs=(50, 100)), source="study 3.2.1"),
+    # thesis table 4.2: 200 epochs, SGD 0.9, lr 0.1, weight decay 5e-4, pad-4 crop + flip
+    "supervised": MethodSpec(Supervised, {**THESIS, "epochs": 200, "lr": 0.1},
+                             source="thesis table 4.2"),
+}
+
+
+def build_method(name: str, backbone: str | None = None, width: int = 64, num_classes: int = 10, **kwargs) -> Method:
+    """Instantiate a registered method; `kwargs` override the method's own hyper-parameters."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    spec = METHODS[name]
+    if spec.cls is Supervised:
+        kwargs["num_classes"] = num_classes
+    try:
+        return spec.cls(backbone=backbone or spec.train["backbone"], width=width, **kwargs)
+    except TypeError as e:  # an unknown keyword: name the valid ones
+        import inspect
+
+        valid = [p for p in inspect.signature(spec.cls.__init__).parameters if p not in ("self", "backbone", "width")]
+        raise ValueError(f"{name}: {e}; valid options: {', '.join(valid)}") from None
