@@ -1,0 +1,127 @@
+"""The command line: `python -m sslnb pretrain ...` and `python -m sslnb evaluate ...`.
+
+A user's mistake (an unknown method or dataset, a missing folder, a corrupt checkpoint, a
+batch of one) ends with one line naming what is wrong and what is valid, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .evaluate import PROBES
+    from .methods import METHODS
+    from .models import BACKBONES
+
+    quick = os.environ.get("SSLNB_QUICK") == "1"
+    p = _Parser(prog="python -m sslnb", description="Self-supervised pretraining and evaluation on CIFAR.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    pre = sub.add_parser("pretrain", help="train (or resume) a run")
+    pre.add_argument("--method", required=True, choices=list(METHODS), metavar="METHOD",
+                     help=f"one of: {', '.join(METHODS)}")
+    pre.add_argument("--dataset", choices=list(DATASETS), metavar="DATASET",
+                     help=f"one of: {', '.join(DATASETS)} (default: cifar10; digits in quick mode)")
+    pre.add_argument("--data-root", help="CIFAR download folder, or a folder with train/<class>/ and test/<class>/")
+    pre.add_argument("--backbone", choices=list(BACKBONES), metavar="BACKBONE", help=f"one of: {', '.join(BACKBONES)}")
+    pre.add_argument("--width", type=int, help="base channels of the ResNet (64: standard)")
+    pre.add_argument("--epochs", type=int)
+    pre.add_argument("--batch-size", type=int)
+    pre.add_argument("--lr", type=float, help="base learning rate (before any batch-size scaling)")
+    pre.add_argument("--image-size", type=int, help="image folders are resized to this (default 32)")
+    pre.add_argument("--run-dir", help="the run directory (default: runs/<method>_<dataset>)")
+    pre.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    pre.add_argument("--seed", type=int)
+    pre.add_argument("--until-epoch", type=int, help="stop after this epoch (resume later)")
+    pre.add_argument("--quick", action="store_true", default=quick,
+                     help="seconds on a CPU: digits, a tiny backbone, 2 epochs (default when SSLNB_QUICK=1)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("evaluate", help="evaluate a run's backbone; prints one JSON object")
+    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--protocol", default="knn", choices=["knn", "linear", "finetune"])
+    ev.add_argument("--probe", default="thesis", choices=list(PROBES), help="linear-probe settings (thesis or vicreg)")
+    ev.add_argument("--weights", default="backbone.pt", help="which backbone file of the run (backbone_best.pt, ...)")
+    ev.add_argument("--epochs", type=int, help="override the protocol's epochs")
+    ev.add_argument("--label-fraction", type=float, default=1.0, help="fine-tuning: fraction of the labels")
+    ev.add_argument("--data-root", help="override the run's data root")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def pretrain(args) -> dict:
+    from .train import default_config, train
+
+    cfg = default_config(args.method, quick=args.quick, dataset=args.dataset, data_root=args.data_root,
+                         backbone=args.backbone, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, image_size=args.image_size, seed=args.seed)
+    from .runs import runs_root
+
+    run_dir = args.run_dir or runs_root(args.quick) / f"{cfg.method}_{cfg.dataset}"
+    run = train(cfg, run_dir, device=args.device, progress=not args.no_progress, until_epoch=args.until_epoch)
+    last = run.history[-1]
+    return {"run_dir": str(run.path), "epochs_done": last["epoch"], "knn_top1": last["knn_top1"],
+            "knn_top1_epoch0": run.history[0]["knn_top1"], "finished": run.finished}
+
+
+def evaluate(args) -> dict:
+    from . import evaluate as ev
+    from .augment import eval_transform
+    from .data import load_dataset
+    from .runs import Run, RunError
+    from .train import pick_device
+
+    run = Run(args.run_dir)
+    cfg = run.config
+    if cfg is None:
+        raise RunError(f"{args.run_dir} is not a run directory (no config.json); pretrain first")
+    device = pick_device(args.device)
+    backbone = run.load_backbone(args.weights, device)
+    train, test = load_dataset(cfg["dataset"], args.data_root or cfg["data_root"], cfg["image_size"])
+    mean, std = train.mean_std()
+    train, test = train.to(device), test.to(device)
+    extra = {"epochs": args.epochs} if args.epochs else {}
+    out = {"run_dir": str(run.path), "weights": args.weights, "protocol": args.protocol}
+    if args.protocol == "knn":
+        out.update(k=cfg["knn_k"], t=cfg["knn_t"],
+                   top1=ev.knn_eval(backbone, train, test, eval_transform(mean, std, cfg["image_size"]),
+                                    cfg["knn_k"], cfg["knn_t"]))
+    elif args.protocol == "linear":
+        res = ev.linear_probe(backbone, train, test, args.probe, mean, std, progress=not args.no_progress, **extra)
+        out.update(probe=args.probe, top1=res["top1"], best_top1=res["best_top1"], settings=res["settings"])
+    else:
+        res = ev.finetune(backbone, train, test, args.label_fraction, mean, std, progress=not args.no_progress, **extra)
+        out.update(label_fraction=args.label_fraction, top1=res["top1"], best_top1=res["best_top1"],
+                   settings=res["settings"])
+    return out
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from .runs import RunError
+    from .train import NonFiniteLoss
+
+    try:
+        out = pretrain(args) if args.command == "pretrain" else evaluate(args)
+    except (ValueError, RunError, FileNotFoundError) as e:
+        print(f"python -m sslnb {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"python -m sslnb {args.command}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""One training loop for every method.
+
+The whole dataset sits on the device; each step draws a batch by a device permutation,
+augments it there into two views, runs the method under mixed precision and steps the
+optimizer. Nothing waits for the host inside an epoch except the progress bar's loss
+(twice a second at most). After each epoch the run records the mean of every loss term,
+the learning rate, kNN top-1 on the test set, collapse statistics and throughput, then
+writes an atomic checkpoint from which the next epoch can start in another process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import augment
+from .analysis import collapse_stats
+from .data import DATASETS, ImageDataset, iterate_batches, labelled_subset, load_dataset
+from .evaluate import KNN_K, KNN_T, extract_features, knn_accuracy
+from .methods import METHODS, build_method
+from .models import BACKBONES
+from .optim import OPTIMIZERS, build_optimizer, set_lr
+from .runs import Run, RunError, runs_root
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. `default_config` fills it with a method's seed settings."""
+
+    method: str
+    dataset: str = "cifar10"
+    data_root: str | None = None  # CIFAR download folder, or the image folder
+    image_size: int = 32
+    backbone: str = "resnet18"
+    width: int = 64  # base channels: 64 is the standard ResNet
+    epochs: int = 400
+    batch_size: int = 512
+    optimizer: str = "sgd"
+    lr: float = 0.06
+    lr_batch_scaling: bool = False  # lr = lr * batch_size / 256 (only where a source says so)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    final_lr: float = 0.0  # absolute value the cosine ends at
+    label_fraction: float = 1.0  # supervised baseline on a labelled subset (thesis table 4.3)
+    crop_scale: tuple | None = None  # None: the method's pipeline; else its random-crop scale
+    method_kwargs: dict = field(default_factory=dict)
+    snapshot_epochs: tuple = ()  # extra backbone snapshots (the study probes epochs 50 and 100)
+    knn_k: int = KNN_K
+    knn_t: float = KNN_T
+    seed: int = 0
+
+
+# Quick mode: seconds on a CPU, offline. Never a result, only a check that everything runs.
+QUICK = dict(dataset="digits", data_root=None, backbone="resnet18", width=8, epochs=2, batch_size=64,
+             warmup_epochs=0, snapshot_epochs=())
+
+
+def default_config(method: str, quick: bool = False, **overrides) -> TrainConfig:
+    """A method's configuration from the registry (the seeds' settings), then quick mode, then overrides."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    spec = METHODS[method]
+    values = {**spec.train, **(QUICK if quick else {})}
+    kwargs = {**(spec.quick if quick else {}), **overrides.pop("method_kwargs", {})}
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(method=method, method_kwargs=kwargs, **values)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject a config a run cannot start from, with a message naming what is valid."""
+    checks = [
+        (cfg.method in METHODS, f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}"),
+        (cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; valid: {', '.join(DATASETS)}"),
+        (cfg.backbone in BACKBONES, f"unknown backbone {cfg.backbone!r}; valid: {', '.join(BACKBONES)}"),
+        (cfg.optimizer in OPTIMIZERS, f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"),
+        (cfg.batch_size >= 2, f"batch_size must be at least 2 (BatchNorm and the losses use batch statistics), "
+                              f"got {cfg.batch_size}"),
+        (cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}"),
+        (cfg.width >= 1, f"width must be at least 1 (64 is the standard ResNet), got {cfg.width}"),
+        (0 < cfg.label_fraction <= 1, f"label_fraction must be in (0, 1], got {cfg.label_fraction}"),
+        (0 <= cfg.warmup_epochs <= cfg.epochs, f"warmup_epochs must be in [0, epochs], got {cfg.warmup_epochs}"),
+        (cfg.knn_k >= 1 and cfg.knn_t > 0, f"knn_k must be >= 1 and knn_t > 0, got {cfg.knn_k}, {cfg.knn_t}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+# -- device, precision, seeds ---------------------------------------------------------------
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU; or the device named."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but this machine has no CUDA GPU; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but MPS is not available; use --device cpu or auto")
+    return device
+
+
+def pick_precision(device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs with native bf16 (Ampere and newer), fp16 on older ones (T4), none on CPU/MPS."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (every device); optionally make cuDNN deterministic."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def _rng_states(gen: torch.Generator, device: torch.device) -> dict:
+    states = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict, gen: torch.Generator, device: torch.device) -> None:
+    gen.set_state(states["generator"])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+@dataclass
+class EpochEnd:
+    """What a callback sees after each epoch (and after epoch 0, the untrained model)."""
+
+    epoch: int
+    model: torch.nn.Module
+    record: dict
+    train: ImageDataset
+    test: ImageDataset
+    transform: object  # uint8 batch -> normalized float batch, no augmentation
+    device: torch.device
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def _evaluate(model, train: ImageDataset, test: ImageDataset, transform, cfg: TrainConfig, amp_dtype) -> dict:
+    """kNN top-1 on the test set and collapse statistics of the test embeddings."""
+    bank = extract_features(model.backbone, train.images, transform, amp_dtype=amp_dtype)
+    feats = extract_features(model.backbone, test.images, transform, amp_dtype=amp_dtype)
+    knn = knn_accuracy(bank, train.labels, feats, test.labels, train.num_classes, cfg.knn_k, cfg.knn_t)
+    was_training = model.training
+    model.eval()
+    z = model.project(feats)
+    model.train(was_training)
+    stats = collapse_stats(z)
+    return {"knn_top1": float(knn), "embedding_std": stats["std"], "embedding_rank": stats["rank"]}
+
+
+def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", callbacks=(), progress: bool = True,
+          until_epoch: int | None = None, data: tuple[ImageDataset, ImageDataset] | None = None) -> Run:
+    """Train (or resume) the run in `run_dir` and return it.
+
+    `until_epoch` stops after that epoch (the schedule still spans `cfg.epochs`): a run can be
+    trained in pieces. `callbacks` are called as `cb(EpochEnd)` after every epoch and may
+    return a dict of extra fields for the history. `data` skips loading `(train, test)`.
+    """
+    from tqdm.auto import tqdm
+
+    validate(cfg)
+    run = Run(run_dir or runs_root() / f"{cfg.method}_{cfg.dataset}")
+    run.check(dataclasses.asdict(cfg))
+    if run.finished:
+        return run
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    amp_dtype = pick_precision(device)
+    channels_last = device.type == "cuda"
+    seed_everything(cfg.seed)
+
+    # data on the device; the supervised baseline may see only a fraction of the labels
+    train_ds, test_ds = data or load_dataset(cfg.dataset, cfg.data_root, cfg.image_size)
+    run.prepare(dataclasses.asdict(cfg))  # only now: a dataset that fails to load leaves no run behind
+    mean, std = train_ds.mean_std()
+    bank_ds = train_ds.to(device)
+    fit_ds = labelled_subset(bank_ds, fraction=cfg.label_fraction, seed=cfg.seed) if cfg.label_fraction < 1 else bank_ds
+    test_ds = test_ds.to(device)
+    if cfg.batch_size > len(fit_ds):
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(fit_ds)} images)")
+    views = augment.train_views(cfg.method, mean, std, cfg.image_size, cfg.crop_scale)
+    plain = augment.eval_transform(mean, std, cfg.image_size)
+
+    model = build_method(cfg.method, cfg.backbone, cfg.width, train_ds.num_classes, **cfg.method_kwargs).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    base_lr = cfg.lr * cfg.batch_size / 256 if cfg.lr_batch_scaling else cfg.lr
+    optimizer = build_optimizer(model.parameter_groups(), cfg.optimizer, base_lr, cfg.momentum, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    gen = torch.Generator(device).manual_seed(cfg.seed)  # batch order and augmentations
+    steps = len(fit_ds) // cfg.batch_size
+    total_steps, warmup_steps = cfg.epochs * steps, cfg.warmup_epochs * steps
+
+    def end_of_epoch(epoch: int, record: dict) -> dict:
+        ctx = EpochEnd(epoch, model, record, bank_ds, test_ds, plain, device)
+        for cb in callbacks:
+            record.update(cb(ctx) or {})
+        return record
+
+    # resume, or start with epoch 0: the untrained backbone
+    ckpt = run.load(map_location=device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_states(ckpt["rng"], gen, device)
+        history = ckpt["history"]
+    else:
+        history = [end_of_epoch(0, {"epoch": 0, "lr": 0.0, **_evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)})]
+        run.write_history(history)
+    start = history[-1]["epoch"] + 1
+    last = min(cfg.epochs, until_epoch or cfg.epochs)
+
+    for epoch in range(start, last + 1):
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        tic, shown = time.perf_counter(), 0.0
+        bar = tqdm(iterate_batches(fit_ds, cfg.batch_size, generator=gen), total=steps,
+                   desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        for i, (images, labels) in enumerate(bar):
+            lr = set_lr(optimizer, (epoch - 1) * steps + i, total_steps, warmup_steps, base_lr, cfg.final_lr)
+            x = views(images, generator=gen)
+            if channels_last:
+                x = [v.contiguous(memory_format=torch.channels_last) for v in x]
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                terms = model(*x, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            model.after_step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            if progress and time.perf_counter() - shown > 0.5:  # the only host sync in an epoch
+                bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.4g}")
+                shown = time.perf_counter()
+        bar.close()
+        means = {k: float(v / steps) for k, v in sums.items()}  # one sync per epoch
+        seconds = time.perf_counter() - tic
+        if not math.isfinite(means["loss"]):
+            raise NonFiniteLoss(f"{cfg.method}: the loss became {means['loss']} in epoch {epoch}; the run stops and "
+                                f"keeps its last good checkpoint (epoch {epoch - 1}) in {run.path}. Lower the lr or "
+                                "check the data.")
+        tic_eval = time.perf_counter()
+        record = {"epoch": epoch, **means, "lr": lr, **_evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)}
+        record.update(epoch_time=seconds, images_per_s=steps * cfg.batch_size / seconds,
+                      eval_time=time.perf_counter() - tic_eval)
+        history.append(end_of_epoch(epoch, record))
+
+        # snapshots first, then the checkpoint that says they exist
+        if epoch in cfg.snapshot_epochs:
+            run.save(model.backbone.state_dict(), f"backbone_epoch{epoch:03d}.pt")
+        if record["knn_top1"] >= max(h["knn_top1"] for h in history[1:]):
+            run.save(model.backbone.state_dict(), "backbone_best.pt")
+        if epoch == cfg.epochs:
+            run.save(model.backbone.state_dict(), "backbone.pt")
+        run.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                  "rng": _rng_states(gen, device), "history": history})
+        run.write_history(history)
+    return run
+
+
+def load_or_train(cfg: TrainConfig, name: str | None = None, root=None, quick: bool = False, **kwargs) -> Run:
+    """The notebooks' training cell: load a finished run with this config, resume a partial one,
+    otherwise train. A run with a different config under the same name is refused."""
+    path = Path(root or runs_root(quick)) / (name or f"{cfg.method}_{cfg.dataset}")
+    run = Run(path)
+    if run.config is not None:
+        run.check(dataclasses.asdict(cfg))  # raises if the config differs
+        if run.finished:
+            print(f"loaded the finished run {path} ({run.epochs_done} epochs)")
+            return run
+        print(f"resuming {path} after epoch {run.epochs_done}")
+    return train(cfg, path, **kwargs)
+
+
+__all__ = ["TrainConfig", "default_config", "validate", "train", "load_or_train", "pick_device", "pick_precision",
+           "seed_everything", "EpochEnd", "NonFiniteLoss", "RunError"]
