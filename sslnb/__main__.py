@@ -37,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--epochs", type=int)
     pre.add_argument("--batch-size", type=int)
     pre.add_argument("--lr", type=float, help="base learning rate (before any batch-size scaling)")
+    pre.add_argument("--weight-decay", type=float)
+    pre.add_argument("--warmup-epochs", type=int)
     pre.add_argument("--image-size", type=int, help="image folders are resized to this (default 32)")
+    pre.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="a method hyper-parameter, e.g. queue_size=1024 (MoCo) or use_predictor=false (SimSiam)")
     pre.add_argument("--run-dir", help="the run directory (default: runs/<method>_<dataset>)")
     pre.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     pre.add_argument("--seed", type=int)
@@ -59,12 +63,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _options(pairs: list[str]) -> dict:
+    """`["queue_size=1024", "use_predictor=false"]` -> {"queue_size": 1024, "use_predictor": False}."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
+        except json.JSONDecodeError:
+            out[key] = value
+        if isinstance(out[key], list):
+            out[key] = tuple(out[key])
+    return out
+
+
 def pretrain(args) -> dict:
     from .train import default_config, train
 
     cfg = default_config(args.method, quick=args.quick, dataset=args.dataset, data_root=args.data_root,
                          backbone=args.backbone, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, image_size=args.image_size, seed=args.seed)
+                         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                         image_size=args.image_size, seed=args.seed,
+                         method_kwargs=_options(args.option))
     from .runs import runs_root
 
     run_dir = args.run_dir or runs_root(args.quick) / f"{cfg.method}_{cfg.dataset}"

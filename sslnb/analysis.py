@@ -15,7 +15,7 @@ def collapse_stats(z: torch.Tensor) -> dict[str, float]:
     `rank`: effective rank exp(H(sigma / sum sigma)) of the singular values: the number of
     dimensions actually used [1] RankMe, 2023, arXiv:2210.02885.
     """
-    z = z.float()
+    z = z.float().cpu() if z.device.type == "mps" else z.float()  # MPS has no SVD
     d = z.shape[1]
     std = F.normalize(z, dim=1).std(0).mean() * math.sqrt(d)
     s = torch.linalg.svdvals(z)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -194,7 +195,9 @@ class DirectPred(BYOL):
             rho = self.f_momentum
             self.F.copy_(torch.where(self.F_initialized, rho * self.F + (1 - rho) * corr, corr))
             self.F_initialized.fill_(True)
-            s, U = torch.linalg.eigh(self.F)  # symmetric: real eigenvalues, ascending
+            # symmetric: real eigenvalues, ascending (MPS has no eigh: it runs on the CPU there)
+            s, U = torch.linalg.eigh(self.F.cpu() if self.F.device.type == "mps" else self.F)
+            s, U = s.to(self.F.device), U.to(self.F.device)
             s = s.clamp(min=0)
             s_max = s.max()
             s = s / torch.where(s_max > 0, s_max, torch.ones_like(s_max))  # guard an all-zero F
@@ -326,17 +329,26 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-def build_method(name: str, backbone: str | None = None, width: int = 64, num_classes: int = 10, **kwargs) -> Method:
-    """Instantiate a registered method; `kwargs` override the method's own hyper-parameters."""
+def method_options(name: str) -> dict:
+    """A registered method's own hyper-parameters and their defaults (the seeds' values)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    params = inspect.signature(METHODS[name].cls.__init__).parameters
+    return {k: p.default for k, p in params.items() if k not in ("self", "backbone", "width", "num_classes")}
+
+
+def check_options(name: str, kwargs: dict) -> None:
+    """Raise a ValueError naming any option the method does not have, and the valid ones."""
+    valid = method_options(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(unknown)}; valid options: {', '.join(valid)}")
+
+
+def build_method(name: str, backbone: str | None = None, width: int = 64, num_classes: int = 10, **kwargs) -> Method:
+    """Instantiate a registered method; `kwargs` override the method's own hyper-parameters."""
+    check_options(name, kwargs)
     spec = METHODS[name]
     if spec.cls is Supervised:
         kwargs["num_classes"] = num_classes
-    try:
-        return spec.cls(backbone=backbone or spec.train["backbone"], width=width, **kwargs)
-    except TypeError as e:  # an unknown keyword: name the valid ones
-        import inspect
-
-        valid = [p for p in inspect.signature(spec.cls.__init__).parameters if p not in ("self", "backbone", "width")]
-        raise ValueError(f"{name}: {e}; valid options: {', '.join(valid)}") from None
+    return spec.cls(backbone=backbone or spec.train["backbone"], width=width, **kwargs)

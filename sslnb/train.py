@@ -23,7 +23,7 @@ from . import augment
 from .analysis import collapse_stats
 from .data import DATASETS, ImageDataset, iterate_batches, labelled_subset, load_dataset
 from .evaluate import KNN_K, KNN_T, extract_features, knn_accuracy
-from .methods import METHODS, build_method
+from .methods import METHODS, build_method, check_options
 from .models import BACKBONES
 from .optim import OPTIMIZERS, build_optimizer, set_lr
 from .runs import Run, RunError, runs_root
@@ -95,6 +95,7 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_options(cfg.method, cfg.method_kwargs)
 
 
 # -- device, precision, seeds ---------------------------------------------------------------

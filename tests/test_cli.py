@@ -14,6 +14,22 @@ def sslnb(*args, env=None):
                           env={**ENV, **(env or {})}, timeout=600)
 
 
+def sslnb_in_process(*args):
+    """The same entry point without a new interpreter (fast): returns (status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from sslnb.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            status = e.code
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
 def one_line_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -53,10 +69,19 @@ def test_pretrain_in_quick_mode_then_evaluate(quick_run):
      ["/no/such/folder", "train/"]),
     (["pretrain", "--method", "byol", "--dataset", "digits", "--batch-size", "1"], ["batch_size must be at least 2"]),
     (["pretrain", "--method", "byol", "--dataset", "digits", "--device", "tpu"], ["unknown device 'tpu'"]),
+    (["pretrain", "--method", "moco", "--dataset", "digits", "--option", "queue=512"],
+     ["moco has no option queue", "queue_size"]),
+    (["pretrain", "--method", "moco", "--dataset", "digits", "--option", "queue_size"], ["KEY=VALUE"]),
     (["evaluate", "--run-dir", "/no/such/run"], ["not a run directory"]),
 ])
-def test_bad_input_is_one_line_and_exit_status_2(args, fragments):
-    one_line_error(sslnb(*args), *fragments)
+def test_bad_input_is_one_line_and_exit_status_2(args, fragments, monkeypatch):
+    monkeypatch.delenv("SSLNB_QUICK", raising=False)
+    one_line_error(sslnb_in_process(*args), *fragments)
+
+
+def test_bad_input_from_a_real_process_shows_no_traceback():
+    one_line_error(sslnb("pretrain", "--method", "byol", "--dataset", "digits", "--batch-size", "1"),
+                   "batch_size must be at least 2")
 
 
 def test_a_corrupt_checkpoint_is_named(quick_run, tmp_path):
@@ -65,4 +90,4 @@ def test_a_corrupt_checkpoint_is_named(quick_run, tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text((run_dir / "config.json").read_text())
     (bad / "backbone.pt").write_bytes(b"garbage")
-    one_line_error(sslnb("evaluate", "--run-dir", str(bad)), "corrupt", str(bad / "backbone.pt"))
+    one_line_error(sslnb_in_process("evaluate", "--run-dir", str(bad)), "corrupt", str(bad / "backbone.pt"))

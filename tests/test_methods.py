@@ -152,7 +152,7 @@ def test_simsiam_without_predictor_is_the_collapsing_ablation():
 def test_unknown_method_and_option_are_clear_errors():
     with pytest.raises(ValueError, match="unknown method 'simclear'; valid: simclr, moco"):
         build_method("simclear")
-    with pytest.raises(ValueError, match="valid options:.*temperature"):
+    with pytest.raises(ValueError, match="simclr has no option temprature; valid options:.*temperature"):
         build_method("simclr", temprature=0.1, **SMALL)
 
 

@@ -70,7 +70,7 @@ def test_callbacks_add_fields_to_the_history(tmp_path, small_digits):
 
     def norm_of_first_conv(ctx):
         seen.append(ctx.epoch)
-        return {"conv1_norm": float(ctx.model.backbone.conv1.weight.norm())}
+        return {"conv1_norm": ctx.model.backbone.conv1.weight.detach().norm().item()}
 
     run = T.train(tiny(epochs=2), tmp_path / "r", progress=False, data=small_digits, callbacks=[norm_of_first_conv])
     assert seen == [0, 1, 2]
@@ -145,17 +145,28 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert Run(tmp_path / "r").epochs_done == 1
 
 
+@pytest.fixture(scope="module")
+def digits16():
+    """digits at 16x16: its images are 8x8, so nothing is lost, and every step is 4x cheaper."""
+    from sslnb.data import load_dataset
+
+    return load_dataset("digits", image_size=16)
+
+
 @pytest.mark.parametrize("method,kw", [
-    ("supervised", dict(lr=0.1)),
-    ("simclr", dict(lr=0.5)),
+    ("supervised", dict(epochs=6, lr=0.1)),
+    # SimCLR with a crop scale of (0.5, 1): an 8% crop of an 8x8 digit is two pixels (the VICReg
+    # study raised the lower bound to 0.2 for 32 px images for the same reason). Random conv
+    # features already score ~80% kNN on digits, so SSL needs some epochs to beat them: 40
+    # epochs at 16 px (measured: 80.5% -> 87.5%).
+    ("simclr", dict(epochs=40, lr=0.3, crop_scale=(0.5, 1.0), image_size=16)),
 ])
-def test_short_runs_on_digits_beat_the_untrained_backbone(tmp_path, digits, method, kw):
-    """Fixed seeds; an untrained width-16 ResNet-18 scores about 65% kNN on digits."""
-    cfg = T.default_config(method, quick=True, width=16, epochs=6, batch_size=128, **kw)
-    run = T.train(cfg, tmp_path / method, progress=False, data=digits)
+def test_short_runs_on_digits_beat_the_untrained_backbone(tmp_path, digits, digits16, method, kw):
+    cfg = T.default_config(method, quick=True, width=8, batch_size=64, **kw)
+    run = T.train(cfg, tmp_path / method, progress=False, data=digits16 if cfg.image_size == 16 else digits)
     first, last = run.history[0]["knn_top1"], run.history[-1]["knn_top1"]
     assert last >= first + 5, f"{method}: kNN {first:.1f} -> {last:.1f}"
-    assert run.history[-1]["embedding_std"] > 0.1
+    assert run.history[-1]["embedding_std"] > 0.3  # and not by collapsing
 
 
 def test_bad_configs_are_clear_errors(tmp_path):
