@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--probe", default="thesis", choices=list(PROBES), help="linear-probe settings (thesis or vicreg)")
     ev.add_argument("--weights", default="backbone.pt", help="which backbone file of the run (backbone_best.pt, ...)")
     ev.add_argument("--epochs", type=int, help="override the protocol's epochs")
+    ev.add_argument("--cached", action="store_true",
+                    help="linear probe on features extracted once, without augmentation (fast)")
     ev.add_argument("--label-fraction", type=float, default=1.0, help="fine-tuning: fraction of the labels")
     ev.add_argument("--data-root", help="override the run's data root")
     ev.add_argument("--device", default="auto")
@@ -119,8 +121,10 @@ def evaluate(args) -> dict:
                    top1=ev.knn_eval(backbone, train, test, eval_transform(mean, std, cfg["image_size"]),
                                     cfg["knn_k"], cfg["knn_t"]))
     elif args.protocol == "linear":
-        res = ev.linear_probe(backbone, train, test, args.probe, mean, std, progress=not args.no_progress, **extra)
-        out.update(probe=args.probe, top1=res["top1"], best_top1=res["best_top1"], settings=res["settings"])
+        res = ev.linear_probe(backbone, train, test, args.probe, mean, std, progress=not args.no_progress,
+                              cached=args.cached, **extra)
+        out.update(probe=args.probe, cached=args.cached, top1=res["top1"], best_top1=res["best_top1"],
+                   settings=res["settings"])
     else:
         res = ev.finetune(backbone, train, test, args.label_fraction, mean, std, progress=not args.no_progress, **extra)
         out.update(label_fraction=args.label_fraction, top1=res["top1"], best_top1=res["best_top1"],
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
     try:
         out = pretrain(args) if args.command == "pretrain" else evaluate(args)
     except (ValueError, RunError, FileNotFoundError) as e:
-        print(f"python -m sslnb {args.command}: error: {e}", file=sys.stderr)
+        print(f"python -m sslnb {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except NonFiniteLoss as e:
         print(f"python -m sslnb {args.command}: {e}", file=sys.stderr)

@@ -182,12 +182,12 @@ def iterate_batches(ds: ImageDataset, batch_size: int, shuffle: bool = True, dro
     The permutation is drawn on the device (pass a generator on that device for
     reproducibility), so a GPU epoch never waits for the host.
     """
-    n = len(ds)
+    n, device = len(ds.labels), ds.labels.device  # any object with .images and .labels
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if drop_last and batch_size > n:
         raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n} images)")
-    order = torch.randperm(n, device=ds.device, generator=generator) if shuffle else torch.arange(n, device=ds.device)
+    order = torch.randperm(n, device=device, generator=generator) if shuffle else torch.arange(n, device=device)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]

@@ -121,7 +121,7 @@ class Run:
         try:
             return torch.load(f, map_location=map_location, weights_only=True)
         except Exception as e:  # truncated zip, wrong format, unpickling refused...
-            raise RunError(f"checkpoint {f} is corrupt or unreadable ({type(e).__name__}: {e}); "
+            raise RunError(f"checkpoint {f} is corrupt or unreadable ({type(e).__name__}); "
                            "delete it to start over") from None
 
     def load_backbone(self, name: str = "backbone.pt", device="cpu") -> torch.nn.Module:

@@ -63,7 +63,7 @@ def test_pretrain_in_quick_mode_then_evaluate(quick_run):
 
 
 @pytest.mark.parametrize("args,fragments", [
-    (["pretrain", "--method", "simclear"], ["invalid choice: 'simclear'", "simclr, moco"]),
+    (["pretrain", "--method", "simclear"], ["invalid choice: 'simclear'", "'simclr', 'moco'"]),
     (["pretrain", "--method", "byol", "--dataset", "mnist"], ["invalid choice: 'mnist'", "digits"]),
     (["pretrain", "--method", "byol", "--dataset", "imagefolder", "--data-root", "/no/such/folder"],
      ["/no/such/folder", "train/"]),

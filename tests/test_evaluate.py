@@ -53,12 +53,15 @@ def test_linear_probe_keeps_the_backbone_frozen_and_learns(small):
     torch.manual_seed(0)
     net = resnet("resnet18", width=8)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    out = evaluate.linear_probe(net, train, test, "thesis", *train.mean_std(), progress=False, epochs=3, batch_size=64)
+    out = evaluate.linear_probe(net, train, test, "thesis", *train.mean_std(), progress=False, epochs=2, batch_size=64)
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics untouched
-    assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
-    assert out["settings"]["lr"] == 0.3 and out["settings"]["flip"] is False
-    assert out["top1"] > 60  # random conv features of digits are linearly separable enough
+    assert [h["epoch"] for h in out["history"]] == [1, 2]
+    assert out["settings"]["lr"] == 0.3 and out["settings"]["flip"] is False and not out["cached"]
+    # on cached features of the un-augmented images the probe has enough steps to learn digits
+    cached = evaluate.linear_probe(net, train, test, "thesis", *train.mean_std(), progress=False, cached=True,
+                                   epochs=20, batch_size=64)
+    assert cached["cached"] and cached["top1"] > 60  # random conv features of digits: ~80% kNN
     assert evaluate.PROBES["vicreg"]["epochs"] == 100 and evaluate.PROBES["vicreg"]["lr"] == 0.01
 
 

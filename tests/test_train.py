@@ -153,19 +153,36 @@ def digits16():
     return load_dataset("digits", image_size=16)
 
 
-@pytest.mark.parametrize("method,kw", [
-    ("supervised", dict(epochs=6, lr=0.1)),
-    # SimCLR with a crop scale of (0.5, 1): an 8% crop of an 8x8 digit is two pixels (the VICReg
-    # study raised the lower bound to 0.2 for 32 px images for the same reason). Random conv
-    # features already score ~80% kNN on digits, so SSL needs some epochs to beat them: 40
-    # epochs at 16 px (measured: 80.5% -> 87.5%).
-    ("simclr", dict(epochs=40, lr=0.3, crop_scale=(0.5, 1.0), image_size=16)),
-])
-def test_short_runs_on_digits_beat_the_untrained_backbone(tmp_path, digits, digits16, method, kw):
-    cfg = T.default_config(method, quick=True, width=8, batch_size=64, **kw)
-    run = T.train(cfg, tmp_path / method, progress=False, data=digits16 if cfg.image_size == 16 else digits)
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the same float sums on any machine, and no slower on these small tensors."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _knn_gain(run):
     first, last = run.history[0]["knn_top1"], run.history[-1]["knn_top1"]
-    assert last >= first + 5, f"{method}: kNN {first:.1f} -> {last:.1f}"
+    return first, last
+
+
+def test_a_short_supervised_run_on_digits_beats_the_untrained_backbone(tmp_path, digits):
+    cfg = T.default_config("supervised", quick=True, width=8, batch_size=64, epochs=6, lr=0.1)
+    first, last = _knn_gain(T.train(cfg, tmp_path / "r", progress=False, data=digits))
+    assert last >= first + 5, f"kNN {first:.1f} -> {last:.1f}"  # measured: 79.1% -> 94.4%
+
+
+def test_a_short_ssl_run_on_digits_beats_the_untrained_backbone(tmp_path, digits16, one_thread):
+    """Random conv features already score ~80% kNN on digits, so SSL needs ~600 steps to beat them
+    clearly. SimCLR at 16 px (digits are 8x8 images: nothing is lost) with a crop scale of (0.5, 1):
+    an 8% crop of an 8x8 digit is two pixels (the VICReg study raised the bound to 0.2 for 32 px
+    images for the same reason); temperature 0.2. Measured: 77.2% -> 91.4%."""
+    cfg = T.default_config("simclr", quick=True, width=8, batch_size=64, epochs=30, lr=0.3, crop_scale=(0.5, 1.0),
+                           image_size=16, seed=1, method_kwargs={"temperature": 0.2})
+    run = T.train(cfg, tmp_path / "r", progress=False, data=digits16)
+    first, last = _knn_gain(run)
+    assert last >= first + 5, f"kNN {first:.1f} -> {last:.1f}"
     assert run.history[-1]["embedding_std"] > 0.3  # and not by collapsing
 
 
