@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--lr", type=float, help="base learning rate (before any batch-size scaling)")
     pre.add_argument("--weight-decay", type=float)
     pre.add_argument("--warmup-epochs", type=int)
-    pre.add_argument("--image-size", type=int, help="image folders are resized to this (default 32)")
+    pre.add_argument("--image-size", type=int, help="images are resized to this (default 32)")
+    pre.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                     help="random-resized-crop scale of the method's views (default: the method's)")
     pre.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                      help="a method hyper-parameter, e.g. queue_size=1024 (MoCo) or use_predictor=false (SimSiam)")
     pre.add_argument("--run-dir", help="the run directory (default: runs/<method>_<dataset>)")
@@ -88,6 +90,7 @@ def pretrain(args) -> dict:
                          backbone=args.backbone, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                          image_size=args.image_size, seed=args.seed,
+                         crop_scale=tuple(args.crop_scale) if args.crop_scale else None,
                          method_kwargs=_options(args.option))
     from .runs import runs_root
 

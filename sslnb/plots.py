@@ -7,6 +7,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from .optim import warmup_cosine
 
@@ -105,6 +106,7 @@ def curves(runs: dict, key: str, ax=None, ylabel: str | None = None, reference: 
         ax.axhline(value, ls="--", lw=1, color="gray")
         ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, color="gray", va="bottom")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel or key)
     if title:
         ax.set_title(title)
@@ -123,6 +125,7 @@ def run_summary(run, title: str | None = None):
         epochs, values = run.column(k)
         axes[0].plot(epochs, values, marker="o" if len(epochs) < 15 else None, ms=3, label=k)
     axes[0].set(xlabel="epoch", ylabel="training loss (epoch mean)", title="loss terms")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8)
     curves({"kNN": run}, "knn_top1", axes[1], "kNN top-1 on the test set (%)", title="kNN (k=200, t=0.1)")
     curves({"std": run}, "embedding_std", axes[2], "std x sqrt(d) of normalized embeddings",

@@ -91,6 +91,9 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.label_fraction <= 1, f"label_fraction must be in (0, 1], got {cfg.label_fraction}"),
         (0 <= cfg.warmup_epochs <= cfg.epochs, f"warmup_epochs must be in [0, epochs], got {cfg.warmup_epochs}"),
         (cfg.knn_k >= 1 and cfg.knn_t > 0, f"knn_k must be >= 1 and knn_t > 0, got {cfg.knn_k}, {cfg.knn_t}"),
+        (cfg.crop_scale is None or 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
+         f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {cfg.crop_scale}"),
+        (cfg.image_size >= 8, f"image_size must be at least 8, got {cfg.image_size}"),
     ]
     for ok, message in checks:
         if not ok:
