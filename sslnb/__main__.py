@@ -117,7 +117,7 @@ def evaluate(args) -> dict:
     train, test = load_dataset(cfg["dataset"], args.data_root or cfg["data_root"], cfg["image_size"])
     mean, std = train.mean_std()
     train, test = train.to(device), test.to(device)
-    extra = {"epochs": args.epochs} if args.epochs else {}
+    extra = {"epochs": args.epochs} if args.epochs is not None else {}
     out = {"run_dir": str(run.path), "weights": args.weights, "protocol": args.protocol}
     if args.protocol == "knn":
         out.update(k=cfg["knn_k"], t=cfg["knn_t"],
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
 
     try:
         out = pretrain(args) if args.command == "pretrain" else evaluate(args)
-    except (ValueError, RunError, FileNotFoundError) as e:
+    except (ValueError, RunError, OSError) as e:  # OSError: a run dir that is a file, unwritable, ...
         print(f"python -m sslnb {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except NonFiniteLoss as e:

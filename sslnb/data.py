@@ -141,11 +141,14 @@ def _load_image_folder(root: Path, image_size: int):
             folder = root / split / name
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
             for path in files:
-                with Image.open(path) as im:
-                    im = im.convert("RGB")
-                    if im.size != (image_size, image_size):
-                        im = im.resize((image_size, image_size), Image.BILINEAR)
-                    images.append(np.asarray(im))
+                try:
+                    with Image.open(path) as im:
+                        im = im.convert("RGB")
+                        if im.size != (image_size, image_size):
+                            im = im.resize((image_size, image_size), Image.BILINEAR)
+                        images.append(np.asarray(im))
+                except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+                    raise ValueError(f"cannot read image {path} ({type(e).__name__}); remove or replace it") from None
                 labels.append(c)
         if not images:
             raise ValueError(f"{root / split} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")

@@ -89,6 +89,9 @@ def _fit(model: nn.Module, head: nn.Module, params, train: ImageDataset, test: I
     """Train `head(model(x))` with SGD + cosine, reporting test top-1 after every epoch."""
     from tqdm.auto import tqdm
 
+    if epochs < 1 or lr <= 0 or batch_size < 1:
+        raise ValueError(f"{desc}: epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+
     device = train.labels.device
     gen = torch.Generator(device).manual_seed(seed)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -159,6 +162,8 @@ def finetune(backbone: nn.Module, train: ImageDataset, test: ImageDataset, label
              **overrides) -> dict:
     """Fine-tune backbone + a new linear head on `label_fraction` of the labels (thesis table 4.3)."""
     p = {**FINETUNE, **overrides}
+    if not 0 < label_fraction <= 1:
+        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
     if label_fraction < 1:
         train = labelled_subset(train, fraction=label_fraction, seed=seed)
     backbone = copy.deepcopy(backbone).to(train.device).requires_grad_(True)

@@ -43,6 +43,10 @@ class Method(nn.Module):
         """Trainable parameters as optimizer groups; a group may override `lr` or `weight_decay`."""
         return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad]}]
 
+    @classmethod
+    def check_batch(cls, batch_size: int, options: dict) -> None:
+        """Reject a batch size the method cannot train with (before a run starts)."""
+
     @staticmethod
     def _check_views(*views: torch.Tensor) -> None:
         if any(v.shape[0] < 2 for v in views):  # BatchNorm and batch statistics need two samples
@@ -92,6 +96,15 @@ class MoCo(Method):
         self.ema, self.temperature, self.bn_splits = ema, temperature, bn_splits
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dims[-1]), dim=1))  # [K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def check_batch(cls, batch_size, options):
+        opts = {**method_options("moco"), **options}
+        if batch_size % opts["bn_splits"]:
+            raise ValueError(f"moco: batch_size {batch_size} must be a multiple of bn_splits={opts['bn_splits']}")
+        if opts["queue_size"] % (2 * batch_size):
+            raise ValueError(f"moco: queue_size {opts['queue_size']} must be a multiple of 2 x batch_size "
+                             f"({2 * batch_size}): both views' keys are enqueued every step")
 
     @torch.no_grad()
     def keys(self, x):
@@ -338,11 +351,25 @@ def method_options(name: str) -> dict:
 
 
 def check_options(name: str, kwargs: dict) -> None:
-    """Raise a ValueError naming any option the method does not have, and the valid ones."""
+    """Raise a ValueError naming any option the method does not have, or one of the wrong type."""
     valid = method_options(name)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise ValueError(f"{name} has no option {', '.join(unknown)}; valid options: {', '.join(valid)}")
+    for key, value in kwargs.items():
+        default = valid[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float) or default is None:  # None: an optional number
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (tuple, list)) and all(isinstance(v, int) and v > 0 for v in value) and len(value) > 0
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(f"{name} option {key}={value!r} has the wrong type; its default is {default!r}")
 
 
 def build_method(name: str, backbone: str | None = None, width: int = 64, num_classes: int = 10, **kwargs) -> Method:

@@ -66,7 +66,12 @@ class Run:
     @property
     def config(self) -> dict | None:
         f = self.path / "config.json"
-        return json.loads(f.read_text()) if f.exists() else None
+        if not f.exists():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RunError(f"{f} is not valid JSON; repair or delete it") from None
 
     @property
     def history(self) -> list[dict]:
@@ -134,5 +139,9 @@ class Run:
             have = sorted(p.name for p in self.path.glob("backbone*.pt"))
             raise RunError(f"{self.path / name} does not exist; this run has: {', '.join(have) or 'no weights yet'}")
         net = resnet(cfg["backbone"], cfg["width"]).to(device)
-        net.load_state_dict(state)
+        try:
+            net.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError):
+            raise RunError(f"{self.path / name} does not hold {cfg['backbone']} (width {cfg['width']}) weights; "
+                           "pass a backbone file (backbone.pt, backbone_best.pt, backbone_epochNNN.pt)") from None
         return net.eval()

@@ -3,9 +3,10 @@
 The whole dataset sits on the device; each step draws a batch by a device permutation,
 augments it there into two views, runs the method under mixed precision and steps the
 optimizer. Nothing waits for the host inside an epoch except the progress bar's loss
-(twice a second at most). After each epoch the run records the mean of every loss term,
-the learning rate, kNN top-1 on the test set, collapse statistics and throughput, then
-writes an atomic checkpoint from which the next epoch can start in another process.
+(twice a second at most) and DirectPred's eigendecomposition, which that method needs at
+every step. After each epoch the run records the mean of every loss term, the learning
+rate, kNN top-1 on the test set, collapse statistics and throughput, then writes an atomic
+checkpoint from which the next epoch can start in another process.
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ValueError(message)
     check_options(cfg.method, cfg.method_kwargs)
+    METHODS[cfg.method].cls.check_batch(cfg.batch_size, cfg.method_kwargs)
 
 
 # -- device, precision, seeds ---------------------------------------------------------------
@@ -117,6 +119,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N, mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but this machine has no CUDA GPU; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device 'mps' was asked for but MPS is not available; use --device cpu or auto")
     return device
@@ -139,17 +143,42 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def _rng_states(gen: torch.Generator, device: torch.device) -> dict:
-    states = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+    states = {"device": device.type, "generator": gen.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        states["mps"] = torch.mps.get_rng_state()
     return states
 
 
-def _set_rng_states(states: dict, gen: torch.Generator, device: torch.device) -> None:
-    gen.set_state(states["generator"])
+def _set_rng_states(states: dict, gen: torch.Generator, device: torch.device, seed: int, epoch: int) -> None:
+    """Restore every random stream; on another kind of device the streams restart from the seed
+    (a run may move from a CPU to a GPU, or between Colab GPUs: it resumes, just not bitwise)."""
     torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and "cuda" in states:
+    if states.get("device", device.type) != device.type:
+        print(f"resuming on {device.type} a run checkpointed on {states['device']}: random streams restart "
+              "from the seed, so later epochs will not match an uninterrupted run bitwise")
+        gen.manual_seed(seed + epoch)
+        torch.manual_seed(seed + epoch)
+        return
+    gen.set_state(states["generator"])
+    if "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
+    if "mps" in states:
+        torch.mps.set_rng_state(states["mps"])
+
+
+def _plain(value):
+    """A callback's value as plain JSON-able Python (floats, ints, lists, strings)."""
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # tensors and numpy arrays or scalars
+        return _plain(value.tolist())
+    raise ValueError(f"a callback returned {type(value).__name__}; return numbers, lists, strings or tensors")
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -230,22 +259,23 @@ def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", c
     def end_of_epoch(epoch: int, record: dict) -> dict:
         ctx = EpochEnd(epoch, model, record, bank_ds, test_ds, plain, device)
         for cb in callbacks:
-            record.update(cb(ctx) or {})
+            record.update(_plain(cb(ctx) or {}))
         return record
 
     # resume, or start with epoch 0: the untrained backbone
-    ckpt = run.load(map_location=device)
+    ckpt = run.load(map_location="cpu")  # RNG states must stay CPU tensors; weights are copied to the device
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_states(ckpt["rng"], gen, device)
+        if scaler.is_enabled() and ckpt["scaler"]:  # absent when the run began without fp16
+            scaler.load_state_dict(ckpt["scaler"])
         history = ckpt["history"]
+        _set_rng_states(ckpt["rng"], gen, device, cfg.seed, history[-1]["epoch"])
     else:
         history = [end_of_epoch(0, {"epoch": 0, "lr": 0.0, **_evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)})]
         run.write_history(history)
     start = history[-1]["epoch"] + 1
-    last = min(cfg.epochs, until_epoch or cfg.epochs)
+    last = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
 
     for epoch in range(start, last + 1):
         model.train()

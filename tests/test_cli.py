@@ -84,6 +84,24 @@ def test_bad_input_from_a_real_process_shows_no_traceback():
                    "batch_size must be at least 2")
 
 
+def test_evaluate_mistakes_are_one_line(quick_run, tmp_path):
+    run_dir, _ = quick_run
+    one_line_error(sslnb_in_process("evaluate", "--run-dir", str(run_dir), "--weights", "checkpoint.pt"),
+                   "does not hold resnet18", "backbone_best.pt")
+    one_line_error(sslnb_in_process("evaluate", "--run-dir", str(run_dir), "--protocol", "linear", "--epochs", "0"),
+                   "epochs and batch_size must be >= 1")
+    one_line_error(sslnb_in_process("evaluate", "--run-dir", str(run_dir), "--protocol", "finetune",
+                                    "--label-fraction", "1.5"), "label_fraction must be in (0, 1]")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    one_line_error(sslnb_in_process("pretrain", "--method", "simclr", "--dataset", "digits", "--width", "4",
+                                    "--epochs", "1", "--run-dir", str(a_file / "run"), "--no-progress"), str(a_file))
+    bad = tmp_path / "badjson"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    one_line_error(sslnb_in_process("evaluate", "--run-dir", str(bad)), "config.json is not valid JSON")
+
+
 def test_a_corrupt_checkpoint_is_named(quick_run, tmp_path):
     run_dir, _ = quick_run
     bad = tmp_path / "bad"

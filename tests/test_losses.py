@@ -243,3 +243,10 @@ def test_losses_gather_the_global_batch_across_processes(tmp_path):
     for rank in range(2):
         torch.testing.assert_close(out[rank][:3], single, rtol=1e-5, atol=1e-6)
         assert out[rank][3] > 0  # gradients flow back through the gather
+
+
+def test_keyword_tensors_are_cast_too():
+    z1, z2 = (t.bfloat16() for t in _rand())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert losses.vicreg(z_a=z1, z_b=z2)["loss"].dtype == torch.float32
+        assert losses.info_nce(z1, z2, queue=z2).dtype == torch.float32

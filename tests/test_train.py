@@ -66,15 +66,31 @@ def test_history_records_everything_a_figure_needs(tmp_path, small_digits):
 
 
 def test_callbacks_add_fields_to_the_history(tmp_path, small_digits):
+    import numpy as np
+
     seen = []
 
-    def norm_of_first_conv(ctx):
+    def norms(ctx):  # tensors and numpy values are stored as plain numbers and lists
         seen.append(ctx.epoch)
-        return {"conv1_norm": ctx.model.backbone.conv1.weight.detach().norm().item()}
+        w = ctx.model.backbone.conv1.weight.detach()
+        return {"conv1_norm": w.norm(), "filter_norms": w.flatten(1).norm(dim=1)[:3], "np": np.float32(1.5)}
 
-    run = T.train(tiny(epochs=2), tmp_path / "r", progress=False, data=small_digits, callbacks=[norm_of_first_conv])
+    run = T.train(tiny(epochs=2), tmp_path / "r", progress=False, data=small_digits, callbacks=[norms])
     assert seen == [0, 1, 2]
-    assert len(run.column("conv1_norm")[1]) == 3
+    epochs, values = run.column("conv1_norm")
+    assert epochs == [0, 1, 2] and all(isinstance(v, float) for v in values)
+    assert len(run.history[-1]["filter_norms"]) == 3 and run.history[-1]["np"] == 1.5
+    assert Run(run.path).load()["history"][-1]["np"] == 1.5  # the checkpoint loads with weights_only
+
+
+def test_resuming_on_another_kind_of_device_restarts_the_random_streams(tmp_path, small_digits, capsys):
+    cfg = tiny(epochs=2)
+    T.train(cfg, tmp_path / "r", progress=False, data=small_digits, until_epoch=1)
+    ckpt = Run(tmp_path / "r").load()
+    ckpt["rng"] = {**ckpt["rng"], "device": "cuda"}  # as if it had been checkpointed on a GPU
+    Run(tmp_path / "r").save(ckpt)
+    run = T.train(cfg, tmp_path / "r", progress=False, data=small_digits)
+    assert run.finished and "random streams restart" in capsys.readouterr().out
 
 
 def test_a_finished_run_is_loaded_not_retrained(tmp_path, small_digits, monkeypatch):
@@ -190,11 +206,20 @@ def test_bad_configs_are_clear_errors(tmp_path):
     for field, value, message in [("batch_size", 1, "batch_size must be at least 2"),
                                   ("dataset", "mnist", "unknown dataset 'mnist'"),
                                   ("backbone", "vgg", "unknown backbone 'vgg'"),
-                                  ("label_fraction", 0.0, "label_fraction")]:
+                                  ("label_fraction", 0.0, "label_fraction"),
+                                  ("crop_scale", (0.5, 0.2), "crop_scale must be"),
+                                  ("method_kwargs", {"queue": 4}, "simclr has no option queue"),
+                                  ("method_kwargs", {"temperature": "hot"}, "temperature='hot' has the wrong type")]:
         cfg = dataclasses.replace(tiny(), **{field: value})
         with pytest.raises(ValueError, match=message):
             T.train(cfg, tmp_path / "r", progress=False)
         assert not (tmp_path / "r").exists()  # a rejected config leaves no run behind
+    moco = dataclasses.replace(tiny("moco"), batch_size=60)  # not a multiple of 8 split-BN groups
+    with pytest.raises(ValueError, match="batch_size 60 must be a multiple of bn_splits=8"):
+        T.train(moco, tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="queue_size 256 must be a multiple of 2 x batch_size"):
+        T.train(dataclasses.replace(tiny("moco"), batch_size=96), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="unknown config field.*epoch\\b"):
         T.default_config("byol", epoch=3)
 
