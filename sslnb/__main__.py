@@ -36,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--width", type=int, help="base channels of the ResNet (64: standard)")
     pre.add_argument("--epochs", type=int)
     pre.add_argument("--batch-size", type=int)
+    pre.add_argument("--optimizer", choices=["sgd", "lars"], help="default: the method's (LARS for VICReg, else SGD)")
     pre.add_argument("--lr", type=float, help="base learning rate (before any batch-size scaling)")
+    pre.add_argument("--lr-batch-scaling", action=argparse.BooleanOptionalAction,
+                     help="scale the lr by batch_size / 256 (default: the method's)")
     pre.add_argument("--weight-decay", type=float)
     pre.add_argument("--warmup-epochs", type=int)
     pre.add_argument("--image-size", type=int, help="images are resized to this (default 32)")
@@ -88,7 +91,8 @@ def pretrain(args) -> dict:
 
     cfg = default_config(args.method, quick=args.quick, dataset=args.dataset, data_root=args.data_root,
                          backbone=args.backbone, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                         optimizer=args.optimizer, lr=args.lr, lr_batch_scaling=args.lr_batch_scaling,
+                         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                          image_size=args.image_size, seed=args.seed,
                          crop_scale=tuple(args.crop_scale) if args.crop_scale else None,
                          method_kwargs=_options(args.option))

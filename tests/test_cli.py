@@ -62,6 +62,20 @@ def test_pretrain_in_quick_mode_then_evaluate(quick_run):
     assert res["probe"] == "thesis" and res["settings"]["lr"] == 0.3 and 0 <= res["top1"] <= 100
 
 
+def test_training_options_reach_the_run_config(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = sslnb_in_process("pretrain", "--method", "barlow_twins", "--quick", "--width", "4", "--optimizer", "lars",
+                            "--lr", "0.2", "--lr-batch-scaling", "--weight-decay", "1.5e-6", "--warmup-epochs", "1",
+                            "--crop-scale", "0.2", "1", "--option", "lambd=0.01", "--until-epoch", "0",
+                            "--run-dir", str(run_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert (cfg["optimizer"], cfg["lr"], cfg["lr_batch_scaling"], cfg["weight_decay"], cfg["warmup_epochs"]) == \
+        ("lars", 0.2, True, 1.5e-6, 1)
+    assert cfg["crop_scale"] == [0.2, 1.0] and cfg["method_kwargs"] == {"lambd": 0.01}
+    assert json.loads(proc.stdout)["epochs_done"] == 0
+
+
 @pytest.mark.parametrize("args,fragments", [
     (["pretrain", "--method", "simclear"], ["invalid choice: 'simclear'", "'simclr', 'moco'"]),
     (["pretrain", "--method", "byol", "--dataset", "mnist"], ["invalid choice: 'mnist'", "digits"]),
@@ -72,6 +86,7 @@ def test_pretrain_in_quick_mode_then_evaluate(quick_run):
     (["pretrain", "--method", "moco", "--dataset", "digits", "--option", "queue=512"],
      ["moco has no option queue", "queue_size"]),
     (["pretrain", "--method", "moco", "--dataset", "digits", "--option", "queue_size"], ["KEY=VALUE"]),
+    (["pretrain", "--method", "byol", "--optimizer", "adam"], ["invalid choice: 'adam'", "'sgd', 'lars'"]),
     (["evaluate", "--run-dir", "/no/such/run"], ["not a run directory"]),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(args, fragments, monkeypatch):
