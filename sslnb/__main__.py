@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     from .evaluate import PROBES
     from .methods import METHODS
     from .models import BACKBONES
+    from .optim import OPTIMIZERS
 
     quick = os.environ.get("SSLNB_QUICK") == "1"
     p = _Parser(prog="python -m sslnb", description="Self-supervised pretraining and evaluation on CIFAR.")
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--width", type=int, help="base channels of the ResNet (64: standard)")
     pre.add_argument("--epochs", type=int)
     pre.add_argument("--batch-size", type=int)
-    pre.add_argument("--optimizer", choices=["sgd", "lars"], help="default: the method's (LARS for VICReg, else SGD)")
+    pre.add_argument("--optimizer", choices=list(OPTIMIZERS), help="default: the method's (LARS for VICReg, else SGD)")
     pre.add_argument("--lr", type=float, help="base learning rate (before any batch-size scaling)")
     pre.add_argument("--lr-batch-scaling", action=argparse.BooleanOptionalAction,
                      help="scale the lr by batch_size / 256 (default: the method's)")
