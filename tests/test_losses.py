@@ -224,6 +224,9 @@ def _two_process_worker(rank, world, port, z1, z2, folder):
     values = [losses.nt_xent(a, b), losses.barlow_twins(a, b), losses.vicreg(a, b)["covariance"]]
     values[1].backward()
     torch.save(torch.stack([v.detach() for v in values] + [a.grad.abs().sum()]), f"{folder}/{rank}.pt")
+    # neither rank may tear gloo down while the other still talks to it: on a loaded machine
+    # that race aborted a worker at exit ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
