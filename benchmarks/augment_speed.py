@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -84,7 +85,9 @@ def main():
     rows = []
     for label, method in PIPELINES.items():
         views = augment.two_views(method)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         ours = time_it(lambda: views(batch), args.repeats, device)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (args.repeats + 1)
         references = [augment.torchvision_reference(c) for c in augment.METHOD_VIEWS[method]]
 
         def reference_batch():
@@ -94,15 +97,17 @@ def main():
         theirs = time_it(reference_batch, args.repeats)
         a, b = statistics.median(ours), statistics.median(theirs)
         rows.append(dict(pipeline=label, method=method, batched_s=a, torchvision_s=b,
-                         ratio=b / a, batched_all_s=ours, torchvision_all_s=theirs))
+                         ratio=b / a, batched_all_s=ours, torchvision_all_s=theirs,
+                         batched_page_faults=faults))
 
     print(f"two views of {args.batch} 32x32 images; batched on {device}, torchvision/PIL on "
           f"the CPU; torch threads {args.threads}; malloc tuned: {malloc_tuned}; "
           f"median of {args.repeats}")
-    print(f"{'pipeline':<15}{'batched (ms)':>14}{'torchvision (ms)':>18}{'ratio':>8}")
+    print(f"{'pipeline':<15}{'batched (ms)':>14}{'torchvision (ms)':>18}{'ratio':>8}"
+          f"{'page faults/call':>18}")
     for r in rows:
         print(f"{r['pipeline']:<15}{1e3 * r['batched_s']:>14.1f}"
-              f"{1e3 * r['torchvision_s']:>18.1f}{r['ratio']:>7.1f}x")
+              f"{1e3 * r['torchvision_s']:>18.1f}{r['ratio']:>7.1f}x{r['batched_page_faults']:>18.0f}")
 
     result = dict(batch=args.batch, repeats=args.repeats, threads=args.threads,
                   device=str(device), malloc_tuned=malloc_tuned, results=rows,

@@ -8,9 +8,11 @@ DataLoader's per-image PIL work (Colab has 2 vCPUs). The semantics are torchvisi
 `torchvision_reference` builds the same pipeline with torchvision/PIL for the tests and the
 benchmark. The one deliberate difference is the hue jitter (see `hue_matrix`).
 
-Two ideas make it fast: crop+resize+flip and blur are per-sample separable linear maps of
-the pixels (two batched matmuls, `_separable`), and every colour op is a per-sample 3x3
-colour matrix plus offset (one batched matmul per op, `apply_jitter`).
+Three ideas make it fast: crop+resize+flip and blur are per-sample separable linear maps of
+the pixels (two batched matmuls, `_separable`); every colour op is a per-sample 3x3 colour
+matrix plus offset (one batched matmul per op, `apply_jitter`); and a pipeline first draws
+the whole batch's parameters as those matrices (`View.sample`), then applies them
+(`View.render`), on a CPU to blocks of 64 images that stay in the cache (`CPU_BLOCK`).
 
 [0] SimCLR, 2020, arXiv:2002.05709   [1] BYOL, 2020, arXiv:2006.07733
 [2] VICReg, 2022, arXiv:2105.04906
@@ -108,14 +110,11 @@ def _interp_matrix(start, length, extent, size, flip=None, inside=True):
     src = start[:, None] + u * (length / size)[:, None] - 0.5  # continuous source pixel
     if inside:
         src = torch.minimum(torch.maximum(src, start[:, None]), (start + length - 1)[:, None])
-    left = src.floor()
-    index = torch.stack((left, left + 1), dim=-1)  # the two neighbours, weights 1-f and f
-    frac = (src - left)[..., None]
-    weight = torch.cat((1 - frac, frac), dim=-1)
-    weight = torch.where((index >= 0) & (index < extent), weight, 0.0)  # zero padding
-    index = index.clamp(0, extent - 1).long()
-    m = torch.zeros(start.shape[0], size, extent, device=start.device)
-    return m.scatter_add_(2, index, weight)
+    # bilinear weights are a tent: pixel j gets max(0, 1 - |src - j|), i.e. 1-f and f for the
+    # two neighbours; pixels outside the image are not in the matrix, which is zero padding
+    pixels = torch.arange(extent, device=start.device, dtype=torch.float32)
+    distance = (src[:, :, None] - pixels).abs_()  # [B, size, extent], the only allocation
+    return distance.neg_().add_(1).clamp_(min=0)
 
 
 def crop_flip(x, top, left, height, width, flip, size, inside=True):
@@ -125,10 +124,13 @@ def crop_flip(x, top, left, height, width, flip, size, inside=True):
     Equivalent to one grid_sample with the per-sample affine map
     theta = [[±w/W, 0, (2j+w)/W-1], [0, h/H, (2i+h)/H-1]] (align_corners=False).
     """
-    _, _, H, W = x.shape
-    ay = _interp_matrix(top, height, H, size, None, inside)
-    ax = _interp_matrix(left, width, W, size, flip, inside)
-    return _separable(x, ay, ax)
+    return _separable(x, *crop_matrices(x.shape[-2], x.shape[-1], top, left, height, width, flip, size, inside))
+
+
+def crop_matrices(image_height, image_width, top, left, height, width, flip, size, inside=True):
+    """The per-sample resampling matrices (ay [B,size,H], ax [B,size,W]) of `crop_flip`."""
+    return (_interp_matrix(top, height, image_height, size, None, inside),
+            _interp_matrix(left, width, image_width, size, flip, inside))
 
 
 def resized_crop_flip(x, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
@@ -150,13 +152,20 @@ def pad_crop_flip(x, padding=4, flip_p=0.5, generator=None, size=None):
     pixels are copied exactly."""
     B, _, H, W = x.shape
     size = H if size is None else size
-    u = torch.rand(2, B, generator=generator, device=x.device)
-    # torchvision picks the top-left in the padded image uniformly in 0..H+2p-size
-    top = (u[0] * (H + 2 * padding - size + 1)).floor().clamp(max=H + 2 * padding - size)
-    left = (u[1] * (W + 2 * padding - size + 1)).floor().clamp(max=W + 2 * padding - size)
-    side = torch.full((B,), float(size), device=x.device)
+    boxes = pad_crop_boxes(B, H, W, padding, size, generator, x.device)
     flip = _coin(B, flip_p, generator, x.device)
-    return crop_flip(x, top - padding, left - padding, side, side, flip, size, inside=False)
+    return crop_flip(x, *boxes, flip, size, inside=False)
+
+
+def pad_crop_boxes(n, height, width, padding=4, size=32, generator=None, device=None):
+    """`RandomCrop(size, padding).get_params` for n samples: float (top, left, h, w), each
+    [n], in the unpadded image's pixels (so top and left can be negative)."""
+    u = torch.rand(2, n, generator=generator, device=device)
+    # torchvision picks the top-left in the padded image uniformly in 0..H+2p-size
+    top = (u[0] * (height + 2 * padding - size + 1)).floor().clamp(max=height + 2 * padding - size)
+    left = (u[1] * (width + 2 * padding - size + 1)).floor().clamp(max=width + 2 * padding - size)
+    side = torch.full((n,), float(size), device=device)
+    return top - padding, left - padding, side, side
 
 
 def resize(x, size):
@@ -225,21 +234,30 @@ def apply_jitter(x, factors, order):
     at pass k each sample uses the op at position k of its order, all samples in one
     batched matrix product.
     """
-    B, C, H, W = x.shape
+    return _jitter_passes(x, *jitter_matrices(factors, order))
+
+
+def jitter_matrices(factors, order):
+    """The colour matrices [B, 4, 3, 3] of `apply_jitter`'s 4 passes, in each sample's order,
+    and the weight [B, 4] of the grey level each pass adds (1-c for contrast, else 0)."""
     b, c, s, h = factors.unbind(dim=1)
-    eye = torch.eye(3, device=x.device)
+    eye = torch.eye(3, device=factors.device)
     ops = torch.stack((b[:, None, None] * eye, c[:, None, None] * eye,  # [B, 4, 3, 3]
                        saturation_matrix(s), hue_matrix(h)), dim=1)
-    rows = torch.arange(B, device=x.device)
+    rows = torch.arange(len(factors), device=factors.device)[:, None]
+    return ops[rows, order], (order == 1) * (1 - c)[:, None]
+
+
+def _jitter_passes(x, matrices, grey_weight):
+    B, C, H, W = x.shape
     gray = _const(GRAY_WEIGHTS, x.device)
     x = x.reshape(B, C, H * W)
     buffers = (torch.empty_like(x), torch.empty_like(x))  # ping-pong: 2 allocations, not 4
     for k in range(4):
-        op = order[:, k]
-        mean_gray = x.mean(dim=2) @ gray  # contrast blends towards the CURRENT image's grey
-        v = torch.where(op == 1, (1 - c) * mean_gray, 0.0)
+        # contrast blends towards the CURRENT image's grey level
+        v = (x.mean(dim=2) @ gray) * grey_weight[:, k]
         # bmm + add_: baddbmm broadcasting v takes a ~5x slower path on a CPU
-        x = torch.bmm(ops[rows, op], x, out=buffers[k % 2]).add_(v[:, None, None]).clamp_(0, 1)
+        x = torch.bmm(matrices[:, k], x, out=buffers[k % 2]).add_(v[:, None, None]).clamp_(0, 1)
     return x.view(B, C, H, W)
 
 
@@ -255,10 +273,23 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
 
 def random_grayscale(x, p=0.2, generator=None):
     """RandomGrayscale(p): grey level in all 3 channels, torchvision's weights."""
+    return grayscale(x, _coin(x.shape[0], p, generator, x.device))
+
+
+def grayscale(x, apply):
+    """The grey level in all 3 channels where `apply` (bool [B]), the image elsewhere."""
+    return _mix_channels(x, grayscale_matrices(apply))
+
+
+def grayscale_matrices(apply):
+    """[B, 3, 3]: every row the grey weights where `apply`, the identity elsewhere."""
+    gray = _const(GRAY_WEIGHTS, apply.device).expand(3, 3)
+    return torch.where(apply[:, None, None], gray, torch.eye(3, device=apply.device))
+
+
+def _mix_channels(x, m):
+    """out[b] = m[b] @ (the pixels of x[b] as 3 rows): a per-sample 3x3 colour matrix."""
     B, C, H, W = x.shape
-    apply = _coin(B, p, generator, x.device)
-    gray = _const(GRAY_WEIGHTS, x.device).expand(3, 3)
-    m = torch.where(apply[:, None, None], gray, torch.eye(3, device=x.device))
     return torch.bmm(m, x.reshape(B, C, H * W)).view(B, C, H, W)
 
 
@@ -280,21 +311,35 @@ def gaussian_blur(x, p=0.5, kernel_size=3, sigma=(0.1, 2.0), generator=None):
     batched matmuls (see `_separable`); samples not drawn get a delta kernel (identity).
     [0] SimCLR, 2020, arXiv:2002.05709
     """
-    B, C, H, W = x.shape
-    dev = x.device
-    apply = _coin(B, p, generator, dev)
-    s = _uniform(B, sigma[0], sigma[1], generator, dev)
+    return blur(x, blur_kernels(x.shape[0], p, kernel_size, sigma, generator, x.device))
+
+
+def blur_kernels(n, p=0.5, kernel_size=3, sigma=(0.1, 2.0), generator=None, device=None):
+    """[n, kernel_size] normalised 1-D Gaussians, sigma ~ U(sigma), a delta where the coin
+    (p) says no."""
+    apply = _coin(n, p, generator, device)
+    s = _uniform(n, sigma[0], sigma[1], generator, device)
     half = (kernel_size - 1) / 2
-    t = torch.linspace(-half, half, kernel_size, device=dev)
+    t = torch.linspace(-half, half, kernel_size, device=device)
     k = torch.exp(-0.5 * (t / s[:, None]) ** 2)
-    k = torch.where(apply[:, None], k / k.sum(dim=1, keepdim=True), (t == 0).float())
-    return _separable(x, _blur_matrix(k, H), _blur_matrix(k, W))
+    return torch.where(apply[:, None], k / k.sum(dim=1, keepdim=True), (t == 0).float())
+
+
+def blur(x, kernels):
+    """Each sample blurred by its own 1-D kernel [B, K] along both axes (reflect padding)."""
+    H, W = x.shape[-2:]
+    return _separable(x, _blur_matrix(kernels, H), _blur_matrix(kernels, W))
 
 
 def solarize(x, p=0.2, threshold=0.5, generator=None):
     """RandomSolarize(p): x -> 1 - x where x >= threshold (0.5: PIL's 128 on uint8 images).
     [1] BYOL, 2020, arXiv:2006.07733"""
-    apply = _coin(x.shape[0], p, generator, x.device)[:, None, None, None]
+    return solarize_where(x, _coin(x.shape[0], p, generator, x.device), threshold)
+
+
+def solarize_where(x, apply, threshold=0.5):
+    """x -> 1 - x for pixels >= threshold, in the samples where `apply` (bool [B])."""
+    apply = apply[:, None, None, None]
     if threshold == 0.5:
         # min(x, 1-x) is exactly that, and 2-x >= x leaves samples not drawn unchanged;
         # two arithmetic passes are ~5x faster on a CPU than a masked torch.where
@@ -304,20 +349,24 @@ def solarize(x, p=0.2, threshold=0.5, generator=None):
 
 
 def normalize(x, mean=CIFAR10_MEAN, std=CIFAR10_STD):
-    """(x - mean) / std per channel, as one fused multiply-add."""
+    """(x - mean) / std per channel, as x * (1/std) + (-mean/std)."""
     scale = _const(tuple(1 / s for s in std), x.device)[:, None, None]
     shift = _const(tuple(-m / s for m, s in zip(mean, std)), x.device)[:, None, None]
-    return torch.addcmul(shift, x, scale)
+    return (x * scale).add_(shift)  # 2x faster on a CPU than addcmul, which broadcasts slowly
 
 
 def to_float(images: Tensor) -> Tensor:
     """uint8 [B,3,H,W] -> float32 in [0,1] on the same device (ValueError otherwise)."""
+    _check_images(images)
+    return images.float().div_(255)
+
+
+def _check_images(images) -> None:
     if not (isinstance(images, Tensor) and images.dtype == torch.uint8
             and images.dim() == 4 and images.shape[1] == 3):
         got = (f"{images.dtype} tensor of shape {tuple(images.shape)}"
                if isinstance(images, Tensor) else type(images).__name__)
         raise ValueError(f"expected a uint8 image batch [B, 3, H, W], got a {got}")
-    return images.float().div_(255)
 
 
 # ---------------------------------------------------------------- pipelines
@@ -342,35 +391,67 @@ class ViewConfig:
 class View:
     """One augmentation pipeline, in torchvision's order: crop+flip, jitter, grayscale,
     blur, solarize, normalize. Call it on a uint8 [B,3,H,W] batch (any device, optional
-    `generator=`); returns a normalised float32 [B,3,size,size] batch on that device."""
+    `generator=`); returns a normalised float32 [B,3,size,size] batch on that device.
+
+    It works in two steps: `sample` draws every random parameter of the whole batch (in the
+    order the ops above draw them) and turns it into the per-sample matrices that `render`
+    applies, so a CPU can render a batch block by block (`_in_cpu_blocks`).
+    """
 
     def __init__(self, config: ViewConfig, mean=CIFAR10_MEAN, std=CIFAR10_STD, size=32):
         self.config, self.mean, self.std, self.size = config, tuple(mean), tuple(std), size
 
     def __call__(self, images: Tensor, generator=None) -> Tensor:
-        return self.apply(to_float(images), generator)
+        return Views(self.config, mean=self.mean, std=self.std, size=self.size)(images, generator)[0]
 
     def apply(self, x: Tensor, generator=None) -> Tensor:
         """The pipeline on a float batch in [0,1] (not modified)."""
-        c, g = self.config, generator
+        params = self.sample(len(x), x.shape[-2], x.shape[-1], generator, x.device)
+        return _in_cpu_blocks(lambda block: (self.render(x[block], _take(params, block)),), len(x), x.device)[0]
+
+    def sample(self, n: int, height: int, width: int, generator=None, device=None) -> dict:
+        """Every random draw of the pipeline for n images of height x width, as a dict of
+        per-sample tensors [n, ...] (or tuples of them). Python checks the config only: ops
+        that can never fire draw nothing."""
+        c, g, params = self.config, generator, {}
+        box = None
         if c.crop_scale is not None:
-            x = resized_crop_flip(x, self.size, c.crop_scale, c.crop_ratio, c.flip_p, g)
+            box = sample_crop_boxes(n, height, width, c.crop_scale, c.crop_ratio, g, device)
         elif c.pad_crop is not None:
-            x = pad_crop_flip(x, c.pad_crop, c.flip_p, g, self.size)
+            box = pad_crop_boxes(n, height, width, c.pad_crop, self.size, g, device)
+        if box is not None or c.flip_p > 0:
+            params["flip"] = _coin(n, c.flip_p, g, device)
+        if box is not None:  # a padded crop reads zeros outside the image
+            params["resample"] = crop_matrices(height, width, *box, params.pop("flip"), self.size,
+                                               inside=c.crop_scale is not None)
+        if c.jitter_p > 0 and any(c.jitter):
+            params["jitter"] = jitter_matrices(*jitter_params(n, *c.jitter, p=c.jitter_p, generator=g,
+                                                              device=device))
+        if c.grayscale_p > 0:
+            params["grayscale"] = grayscale_matrices(_coin(n, c.grayscale_p, g, device))
+        if c.blur_p > 0:
+            k = blur_kernels(n, c.blur_p, c.blur_kernel, c.blur_sigma, g, device)
+            params["blur"] = (_blur_matrix(k, self.size), _blur_matrix(k, self.size))
+        if c.solarize_p > 0:
+            params["solarize"] = _coin(n, c.solarize_p, g, device)
+        return params
+
+    def render(self, x: Tensor, params: dict) -> Tensor:
+        """The pipeline with the parameters `sample` drew, on a float batch in [0,1]."""
+        if "resample" in params:
+            x = _separable(x, *params["resample"])
         else:
             x = resize(x, self.size)
-            if c.flip_p > 0:
-                flip = _coin(x.shape[0], c.flip_p, g, x.device)[:, None, None, None]
-                x = torch.where(flip, x.flip(-1), x)
-        # Python-level checks on the config only: skip ops that can never fire
-        if c.jitter_p > 0 and any(c.jitter):
-            x = color_jitter(x, *c.jitter, p=c.jitter_p, generator=g)
-        if c.grayscale_p > 0:
-            x = random_grayscale(x, c.grayscale_p, g)
-        if c.blur_p > 0:
-            x = gaussian_blur(x, c.blur_p, c.blur_kernel, c.blur_sigma, g)
-        if c.solarize_p > 0:
-            x = solarize(x, c.solarize_p, generator=g)
+            if "flip" in params:
+                x = torch.where(params["flip"][:, None, None, None], x.flip(-1), x)
+        if "jitter" in params:
+            x = _jitter_passes(x, *params["jitter"])
+        if "grayscale" in params:
+            x = _mix_channels(x, params["grayscale"])
+        if "blur" in params:
+            x = _separable(x, *params["blur"])
+        if "solarize" in params:
+            x = solarize_where(x, params["solarize"])
         return normalize(x, self.mean, self.std)
 
     def __repr__(self):
@@ -379,17 +460,54 @@ class View:
 
 class Views:
     """Several views of one batch: `Views(cfg1, cfg2, ...)(images)` returns a tuple with
-    one normalised float batch per config. The uint8 batch is converted once."""
+    one normalised float batch per config."""
 
     def __init__(self, *configs: ViewConfig, mean=CIFAR10_MEAN, std=CIFAR10_STD, size=32):
         self.views = tuple(View(c, mean, std, size) for c in configs)
 
     def __call__(self, images: Tensor, generator=None) -> tuple:
-        x = to_float(images)
-        return tuple(view.apply(x, generator) for view in self.views)
+        _check_images(images)
+        n, _, height, width = images.shape
+        params = [view.sample(n, height, width, generator, images.device) for view in self.views]
+
+        def render(block):
+            x = to_float(images[block])  # converted once for all views
+            return tuple(view.render(x, _take(p, block)) for view, p in zip(self.views, params))
+
+        return _in_cpu_blocks(render, n, images.device)
 
     def __repr__(self):
         return "Views(" + ", ".join(map(repr, self.views)) + ")"
+
+
+# On a CPU the pipelines render a batch in blocks of this many images. A block's
+# intermediate tensors (768 KB) stay in the cache and in the process's heap; with glibc's
+# defaults whole-batch ones (6 MB at batch 512) go back to the OS when freed and are
+# page-faulted in again by the next call, which cost more than the arithmetic
+# (benchmarks/augment_speed.py). The random parameters are drawn for the whole batch first,
+# so the blocks do not change them. GPUs render the whole batch at once.
+CPU_BLOCK = 64
+
+
+def _in_cpu_blocks(render, n: int, device) -> tuple:
+    """render(slice) -> tuple of batches, for slice(0, n) at once, or on a CPU block by
+    block into one output per batch."""
+    if torch.device(device).type != "cpu" or n <= CPU_BLOCK:
+        return render(slice(0, n))
+    outs = None
+    for start in range(0, n, CPU_BLOCK):
+        block = slice(start, min(start + CPU_BLOCK, n))
+        parts = render(block)
+        if outs is None:
+            outs = tuple(p.new_empty((n, *p.shape[1:])) for p in parts)
+        for out, part in zip(outs, parts):
+            out[block] = part
+    return outs
+
+
+def _take(params: dict, block: slice) -> dict:
+    """The parameters of the samples in `block` (values are tensors or tuples of them)."""
+    return {k: v[block] if isinstance(v, Tensor) else tuple(t[block] for t in v) for k, v in params.items()}
 
 
 # VICReg study (sec. 3.2.1): the VICReg paper's pipeline with crop scale (0.2, 1) instead of

@@ -171,14 +171,21 @@ class BYOL(Method):
         ema_update([self.target_backbone, self.target_projector], [self.backbone, self.projector], self.ema)
 
     def parameter_groups(self):
-        pred = list(self.predictor.parameters()) if self.predictor is not None else []
-        online = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("predictor.")]
-        group = {"name": "predictor", "params": pred}
-        if self.predictor_lr is not None:
-            group["lr"] = self.predictor_lr
-        if self.predictor_weight_decay is not None:
-            group["weight_decay"] = self.predictor_weight_decay
-        return [{"name": "online", "params": online}] + ([group] if pred else [])
+        return _predictor_groups(self, self.predictor_lr, self.predictor_weight_decay)
+
+
+def _predictor_groups(method: Method, predictor_lr=None, predictor_weight_decay=None) -> list[dict]:
+    """Two optimizer groups, the learned predictor's (with its own lr / weight decay where
+    given) and everything else's."""
+    predictor = getattr(method, "predictor", None)
+    pred = [p for p in predictor.parameters() if p.requires_grad] if isinstance(predictor, nn.Module) else []
+    online = [p for n, p in method.named_parameters() if p.requires_grad and not n.startswith("predictor.")]
+    group = {"name": "predictor", "params": pred}
+    if predictor_lr is not None:
+        group["lr"] = predictor_lr
+    if predictor_weight_decay is not None:
+        group["weight_decay"] = predictor_weight_decay
+    return [{"name": "online", "params": online}] + ([group] if pred else [])
 
 
 class DirectPred(BYOL):
@@ -237,14 +244,19 @@ class SimSiam(Method):
     (BN after every layer, the last without affine), predictor 2048->512->2048, symmetric
     negative cosine with a stop-gradient on the target branch.
 
-    `use_predictor=False` is the thesis's sec. 4.7.1 ablation, which collapses.
+    `use_predictor=False` is the thesis's sec. 4.7.1 ablation, which collapses. `predictor_lr`
+    (None: the optimizer's) gives the predictor its own learning rate, as BYOL's option does.
     """
 
     def __init__(self, backbone="resnet18", width=64, proj_dims=(2048, 2048, 2048), pred_hidden=512,
-                 use_predictor=True):
+                 use_predictor=True, predictor_lr=None):
         super().__init__(backbone, width)
         self.projector = mlp([self.backbone.feature_dim, *proj_dims], last_batch_norm=True)
         self.predictor = mlp([proj_dims[-1], pred_hidden, proj_dims[-1]]) if use_predictor else nn.Identity()
+        self.predictor_lr = predictor_lr
+
+    def parameter_groups(self):
+        return _predictor_groups(self, self.predictor_lr)
 
     def forward(self, x1, x2, labels=None):
         self._check_views(x1, x2)

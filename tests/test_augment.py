@@ -70,6 +70,27 @@ def test_two_views_shape_dtype_device_and_seeding(method):
     assert torch.equal(a1, views(images)[0])
 
 
+@pytest.mark.parametrize("method", ["vicreg", "supervised"])  # every op between them
+def test_rendering_in_cpu_blocks_changes_nothing(method, monkeypatch):
+    """A CPU renders a batch in blocks after drawing the whole batch's parameters: the same
+    views as rendering it at once (as a GPU does), and the same as op by op."""
+    images = smooth_images(150)  # two full blocks and a partial one
+    views = A.train_views(method)
+    monkeypatch.setattr(A, "CPU_BLOCK", 64)
+    blocks = views(images, generator=gen(0))
+    monkeypatch.setattr(A, "CPU_BLOCK", 10**6)
+    whole = views(images, generator=gen(0))
+    for b, w in zip(blocks, whole, strict=True):
+        torch.testing.assert_close(b, w, rtol=0, atol=1e-5)
+    # the ops one after the other, each drawing its own parameters from one generator
+    if method == "vicreg":
+        c, g, x = A.VICREG_VIEWS[0], gen(0), A.to_float(images)
+        x = A.resized_crop_flip(x, 32, c.crop_scale, c.crop_ratio, c.flip_p, g)
+        x = A.color_jitter(x, *c.jitter, p=c.jitter_p, generator=g)
+        x = A.gaussian_blur(A.random_grayscale(x, c.grayscale_p, g), c.blur_p, c.blur_kernel, c.blur_sigma, g)
+        torch.testing.assert_close(blocks[0], A.normalize(x), rtol=0, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_runs_on_cuda_with_a_cuda_generator():
     images = smooth_images(256).cuda()

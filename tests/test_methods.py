@@ -143,6 +143,17 @@ def test_byol_predictor_group_carries_its_own_lr_and_weight_decay():
     assert n_pred == sum(p.numel() for p in m.predictor.parameters())
 
 
+def test_simsiam_predictor_group_carries_its_own_lr():
+    m = build_method("simsiam", proj_dims=(16, 16, 16), pred_hidden=8, predictor_lr=0.3, **SMALL)
+    opt = build_optimizer(m.parameter_groups(), "sgd", 0.03, 0.9, 5e-4)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["predictor"]["lr"] == 0.3 and by_name["online"]["lr"] == 0.03
+    in_groups = [p for g in opt.param_groups for p in g["params"]]
+    assert len(in_groups) == len(list(m.parameters()))  # every parameter, each once
+    assert {id(p) for p in by_name["predictor"]["params"]} == {id(p) for p in m.predictor.parameters()}
+    assert [g["name"] for g in build_method("simsiam", use_predictor=False, **SMALL).parameter_groups()] == ["online"]
+
+
 def test_simsiam_without_predictor_is_the_collapsing_ablation():
     m = build_method("simsiam", use_predictor=False, proj_dims=(16, 16, 16), **SMALL)
     assert isinstance(m.predictor, torch.nn.Identity)

@@ -193,8 +193,10 @@ def test_a_short_ssl_run_on_digits_beats_the_untrained_backbone(tmp_path, digits
     """Random conv features already score ~80% kNN on digits, so SSL needs ~600 steps to beat them
     clearly. SimCLR at 16 px (digits are 8x8 images: nothing is lost) with a crop scale of (0.5, 1):
     an 8% crop of an 8x8 digit is two pixels (the VICReg study raised the bound to 0.2 for 32 px
-    images for the same reason); temperature 0.2. Measured: 77.2% -> 91.4%."""
-    cfg = T.default_config("simclr", quick=True, width=8, batch_size=64, epochs=30, lr=0.3, crop_scale=(0.5, 1.0),
+    images for the same reason); temperature 0.2; lr 0.03. Measured with seeds 1, 2, 3: +10.5, +13.1 and
+    +8.7 points (77.2% -> 87.7%). With lr 0.3 the first epochs fell to ~65% and the end point swung from
+    80% to 91% with float rounding alone (a 2e-7 change in the augmentations)."""
+    cfg = T.default_config("simclr", quick=True, width=8, batch_size=64, epochs=30, lr=0.03, crop_scale=(0.5, 1.0),
                            image_size=16, seed=1, method_kwargs={"temperature": 0.2})
     run = T.train(cfg, tmp_path / "r", progress=False, data=digits16)
     first, last = _knn_gain(run)
