@@ -11,8 +11,8 @@ benchmark. The one deliberate difference is the hue jitter (see `hue_matrix`).
 Three ideas make it fast: crop+resize+flip and blur are per-sample separable linear maps of
 the pixels (two batched matmuls, `_separable`); every colour op is a per-sample 3x3 colour
 matrix plus offset (one batched matmul per op, `apply_jitter`); and a pipeline first draws
-the whole batch's parameters as those matrices (`View.sample`), then applies them
-(`View.render`), on a CPU to blocks of 64 images that stay in the cache (`CPU_BLOCK`).
+the whole batch's parameters (`View.sample`), then applies them (`View.render`), on a CPU to
+blocks of 64 images that stay in the cache and in the process's heap (`CPU_BLOCK`).
 
 [0] SimCLR, 2020, arXiv:2002.05709   [1] BYOL, 2020, arXiv:2006.07733
 [2] VICReg, 2022, arXiv:2105.04906
@@ -124,13 +124,10 @@ def crop_flip(x, top, left, height, width, flip, size, inside=True):
     Equivalent to one grid_sample with the per-sample affine map
     theta = [[±w/W, 0, (2j+w)/W-1], [0, h/H, (2i+h)/H-1]] (align_corners=False).
     """
-    return _separable(x, *crop_matrices(x.shape[-2], x.shape[-1], top, left, height, width, flip, size, inside))
-
-
-def crop_matrices(image_height, image_width, top, left, height, width, flip, size, inside=True):
-    """The per-sample resampling matrices (ay [B,size,H], ax [B,size,W]) of `crop_flip`."""
-    return (_interp_matrix(top, height, image_height, size, None, inside),
-            _interp_matrix(left, width, image_width, size, flip, inside))
+    _, _, H, W = x.shape
+    ay = _interp_matrix(top, height, H, size, None, inside)
+    ax = _interp_matrix(left, width, W, size, flip, inside)
+    return _separable(x, ay, ax)
 
 
 def resized_crop_flip(x, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
@@ -394,8 +391,9 @@ class View:
     `generator=`); returns a normalised float32 [B,3,size,size] batch on that device.
 
     It works in two steps: `sample` draws every random parameter of the whole batch (in the
-    order the ops above draw them) and turns it into the per-sample matrices that `render`
-    applies, so a CPU can render a batch block by block (`_in_cpu_blocks`).
+    order the ops above draw them; the colour ops' as 3x3 matrices), `render` applies them to
+    images, so a CPU can render a batch block by block (`_in_cpu_blocks`). Image-sized
+    matrices (crop, blur) are built per block: a whole batch's would page-fault (see below).
     """
 
     def __init__(self, config: ViewConfig, mean=CIFAR10_MEAN, std=CIFAR10_STD, size=32):
@@ -421,25 +419,23 @@ class View:
             box = pad_crop_boxes(n, height, width, c.pad_crop, self.size, g, device)
         if box is not None or c.flip_p > 0:
             params["flip"] = _coin(n, c.flip_p, g, device)
-        if box is not None:  # a padded crop reads zeros outside the image
-            params["resample"] = crop_matrices(height, width, *box, params.pop("flip"), self.size,
-                                               inside=c.crop_scale is not None)
+        if box is not None:
+            params["crop"] = (*box, params.pop("flip"))
         if c.jitter_p > 0 and any(c.jitter):
             params["jitter"] = jitter_matrices(*jitter_params(n, *c.jitter, p=c.jitter_p, generator=g,
                                                               device=device))
         if c.grayscale_p > 0:
             params["grayscale"] = grayscale_matrices(_coin(n, c.grayscale_p, g, device))
         if c.blur_p > 0:
-            k = blur_kernels(n, c.blur_p, c.blur_kernel, c.blur_sigma, g, device)
-            params["blur"] = (_blur_matrix(k, self.size), _blur_matrix(k, self.size))
+            params["blur"] = blur_kernels(n, c.blur_p, c.blur_kernel, c.blur_sigma, g, device)
         if c.solarize_p > 0:
             params["solarize"] = _coin(n, c.solarize_p, g, device)
         return params
 
     def render(self, x: Tensor, params: dict) -> Tensor:
         """The pipeline with the parameters `sample` drew, on a float batch in [0,1]."""
-        if "resample" in params:
-            x = _separable(x, *params["resample"])
+        if "crop" in params:  # a padded crop (no crop_scale) reads zeros outside the image
+            x = crop_flip(x, *params["crop"], self.size, inside=self.config.crop_scale is not None)
         else:
             x = resize(x, self.size)
             if "flip" in params:
@@ -449,7 +445,7 @@ class View:
         if "grayscale" in params:
             x = _mix_channels(x, params["grayscale"])
         if "blur" in params:
-            x = _separable(x, *params["blur"])
+            x = blur(x, params["blur"])
         if "solarize" in params:
             x = solarize_where(x, params["solarize"])
         return normalize(x, self.mean, self.std)
@@ -481,11 +477,13 @@ class Views:
 
 
 # On a CPU the pipelines render a batch in blocks of this many images. A block's
-# intermediate tensors (768 KB) stay in the cache and in the process's heap; with glibc's
-# defaults whole-batch ones (6 MB at batch 512) go back to the OS when freed and are
-# page-faulted in again by the next call, which cost more than the arithmetic
-# (benchmarks/augment_speed.py). The random parameters are drawn for the whole batch first,
-# so the blocks do not change them. GPUs render the whole batch at once.
+# intermediate tensors (768 KB each) stay in the 2 MB L2 cache and in the process's heap;
+# with glibc's defaults, whole-batch ones (6 MB at batch 512) go back to the OS when freed
+# and page-fault again in the next call, which cost as much as the arithmetic. Measured
+# (benchmarks/augment_speed.py, thesis pipeline, batch 512, one thread): 43 ms and 18,000
+# page faults per call for the whole batch at once, 31-34 ms and 3,000 with blocks of 64.
+# The random parameters are drawn for the whole batch first, so blocks do not change them.
+# GPUs render the whole batch at once.
 CPU_BLOCK = 64
 
 
