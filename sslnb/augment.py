@@ -480,8 +480,9 @@ class Views:
 # intermediate tensors (768 KB each) stay in the 2 MB L2 cache and in the process's heap;
 # with glibc's defaults, whole-batch ones (6 MB at batch 512) go back to the OS when freed
 # and page-fault again in the next call, which cost as much as the arithmetic. Measured
-# (benchmarks/augment_speed.py, thesis pipeline, batch 512, one thread): 43 ms and 18,000
-# page faults per call for the whole batch at once, 31-34 ms and 3,000 with blocks of 64.
+# (benchmarks/augment_speed.py, thesis pipeline, batch 512, one thread): about 45 ms and
+# 15,000-19,000 page faults per call for the whole batch at once, 30-36 ms and 3,000-5,600
+# (the fresh outputs) with blocks of 64.
 # The random parameters are drawn for the whole batch first, so blocks do not change them.
 # GPUs render the whole batch at once.
 CPU_BLOCK = 64
