@@ -283,3 +283,23 @@ def test_registry_invariants():
     quick_moco = T.default_config("moco", quick=True)
     assert quick_moco.method_kwargs["queue_size"] <= 1438 // 4
     assert quick_moco.method_kwargs["queue_size"] % (2 * quick_moco.batch_size) == 0
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "directpred", "vicreg", "supervised"])
+def test_no_host_sync_per_step(method, small_digits, monkeypatch, tmp_path):
+    """The loop reads no tensor value on the host inside an epoch (without a progress bar): the
+    number of reads (.item(), float(t), bool(t), ...) must not grow with the steps. On a GPU each
+    read would wait for the device. Evaluation is stubbed out: it reads at the epoch's end."""
+    monkeypatch.setattr(T, "_evaluate", lambda *a, **k: {"knn_top1": 0.0, "embedding_std": 1.0})
+    reads = []
+    for name in ["item", "tolist", "__bool__", "__float__", "__int__"]:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _f=original, _n=name: reads.append(_n) or _f(t, *a))
+    train, test = small_digits
+    counts = []
+    for n in (64, 256):  # 2 and 8 steps per epoch at batch 32
+        reads.clear()
+        cfg = tiny(method, epochs=1, batch_size=32)
+        T.train(cfg, tmp_path / f"{method}{n}", progress=False, data=(train.subset(torch.arange(n)), test))
+        counts.append(len(reads))
+    assert counts[0] == counts[1], f"{method}: {counts[0]} host reads with 2 steps, {counts[1]} with 8"
