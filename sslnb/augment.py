@@ -11,7 +11,7 @@ benchmark. The one deliberate difference is the hue jitter (see `hue_matrix`).
 Three ideas make it fast: crop+resize+flip and blur are per-sample separable linear maps of
 the pixels (two batched matmuls, `_separable`); every colour op is a per-sample 3x3 colour
 matrix plus offset (one batched matmul per op, `apply_jitter`); and a pipeline first draws
-the whole batch's parameters (`View.sample`), then applies them (`View.render`), on a CPU to
+the whole batch's parameters (`View.sample`), then applies them (`View.render`), on a CPU in
 blocks of 64 images that stay in the cache and in the process's heap (`CPU_BLOCK`).
 
 [0] SimCLR, 2020, arXiv:2002.05709   [1] BYOL, 2020, arXiv:2006.07733
@@ -113,7 +113,7 @@ def _interp_matrix(start, length, extent, size, flip=None, inside=True):
     # bilinear weights are a tent: pixel j gets max(0, 1 - |src - j|), i.e. 1-f and f for the
     # two neighbours; pixels outside the image are not in the matrix, which is zero padding
     pixels = torch.arange(extent, device=start.device, dtype=torch.float32)
-    distance = (src[:, :, None] - pixels).abs_()  # [B, size, extent], the only allocation
+    distance = (src[:, :, None] - pixels).abs_()  # [B, size, extent], the only large allocation
     return distance.neg_().add_(1).clamp_(min=0)
 
 
@@ -480,9 +480,9 @@ class Views:
 # intermediate tensors (768 KB each) stay in the 2 MB L2 cache and in the process's heap;
 # with glibc's defaults, whole-batch ones (6 MB at batch 512) go back to the OS when freed
 # and page-fault again in the next call, which cost as much as the arithmetic. Measured
-# (benchmarks/augment_speed.py, thesis pipeline, batch 512, one thread): about 45 ms and
-# 15,000-19,000 page faults per call for the whole batch at once, 30-36 ms and 3,000-5,600
-# (the fresh outputs) with blocks of 64.
+# (thesis pipeline, batch 512, one thread): the whole batch at once took about 45 ms and
+# 15,000-19,000 page faults per call, blocks of 64 take 30-36 ms and 3,000-5,600 page faults
+# in benchmarks/augment_speed.py, most of them in the two fresh output batches.
 # The random parameters are drawn for the whole batch first, so blocks do not change them.
 # GPUs render the whole batch at once.
 CPU_BLOCK = 64

@@ -245,7 +245,9 @@ class SimSiam(Method):
     negative cosine with a stop-gradient on the target branch.
 
     `use_predictor=False` is the thesis's sec. 4.7.1 ablation, which collapses. `predictor_lr`
-    (None: the optimizer's) gives the predictor its own learning rate, as BYOL's option does.
+    (None: the optimizer's) gives the predictor its own learning rate, as BYOL's option does:
+    not scaled by the batch size, and decayed by the schedule like the main lr (the SimSiam
+    paper's variant keeps it fixed instead).
     """
 
     def __init__(self, backbone="resnet18", width=64, proj_dims=(2048, 2048, 2048), pred_hidden=512,

@@ -70,25 +70,47 @@ def test_two_views_shape_dtype_device_and_seeding(method):
     assert torch.equal(a1, views(images)[0])
 
 
-@pytest.mark.parametrize("method", ["vicreg", "supervised"])  # every op between them
-def test_rendering_in_cpu_blocks_changes_nothing(method, monkeypatch):
+def _op_by_op(config, x, size, g):
+    """One view with the public ops one after the other, each drawing its own parameters."""
+    c = config
+    if c.crop_scale is not None:
+        x = A.resized_crop_flip(x, size, c.crop_scale, c.crop_ratio, c.flip_p, g)
+    else:
+        x = A.pad_crop_flip(x, c.pad_crop, c.flip_p, g, size)
+    if c.jitter_p > 0:
+        x = A.color_jitter(x, *c.jitter, p=c.jitter_p, generator=g)
+    if c.grayscale_p > 0:
+        x = A.random_grayscale(x, c.grayscale_p, g)
+    if c.blur_p > 0:
+        x = A.gaussian_blur(x, c.blur_p, c.blur_kernel, c.blur_sigma, g)
+    if c.solarize_p > 0:
+        x = A.solarize(x, c.solarize_p, generator=g)
+    return A.normalize(x)
+
+
+# every op between them: crop or padded crop, flip, jitter, grayscale, blur, solarize; and
+# digits' 8 px images resized up to 16 px, and images larger than the output
+@pytest.mark.parametrize("method, image_size, size", [("vicreg", 32, 32), ("byol", 32, 32), ("supervised", 32, 32),
+                                                      ("byol", 8, 16), ("vicreg", 40, 32)])
+def test_rendering_in_cpu_blocks_changes_nothing(method, image_size, size, monkeypatch):
     """A CPU renders a batch in blocks after drawing the whole batch's parameters: the same
-    views as rendering it at once (as a GPU does), and the same as op by op."""
-    images = smooth_images(150)  # two full blocks and a partial one
-    views = A.train_views(method)
+    views as rendering it at once (as a GPU does), and as the ops one after the other."""
+    images = smooth_images(150, size=image_size)  # two full blocks and a partial one
+    views = A.train_views(method, size=size)
     monkeypatch.setattr(A, "CPU_BLOCK", 64)
     blocks = views(images, generator=gen(0))
+    assert blocks[0].shape == (150, 3, size, size)
     monkeypatch.setattr(A, "CPU_BLOCK", 10**6)
     whole = views(images, generator=gen(0))
-    for b, w in zip(blocks, whole, strict=True):
+    monkeypatch.setattr(A, "CPU_BLOCK", 64)
+    g, x = gen(0), A.to_float(images)
+    one_by_one = [_op_by_op(v.config, x, size, g) for v in views.views]  # the views draw in turn
+    applied = views.views[0].apply(x, generator=gen(0))  # a float batch in, not modified
+    assert torch.equal(x, A.to_float(images))
+    for b, w, o in zip(blocks, whole, one_by_one, strict=True):
         torch.testing.assert_close(b, w, rtol=0, atol=1e-5)
-    # the ops one after the other, each drawing its own parameters from one generator
-    if method == "vicreg":
-        c, g, x = A.VICREG_VIEWS[0], gen(0), A.to_float(images)
-        x = A.resized_crop_flip(x, 32, c.crop_scale, c.crop_ratio, c.flip_p, g)
-        x = A.color_jitter(x, *c.jitter, p=c.jitter_p, generator=g)
-        x = A.gaussian_blur(A.random_grayscale(x, c.grayscale_p, g), c.blur_p, c.blur_kernel, c.blur_sigma, g)
-        torch.testing.assert_close(blocks[0], A.normalize(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(b, o, rtol=0, atol=1e-5)
+    torch.testing.assert_close(applied, blocks[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
