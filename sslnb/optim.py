@@ -20,16 +20,22 @@ class LARS(torch.optim.Optimizer):
     [0] LARS, 2017, arXiv:1708.03888; [1] VICReg, 2022, arXiv:2105.04906 (appendix C).
     """
 
+    # With a float16 GradScaler, GradScaler.step hands over `grad_scale` and `found_inf` as
+    # attributes instead of reading found_inf on the host (one sync per step): this step
+    # unscales the gradients itself and skips a step with inf/NaN gradients on the device.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
 
     @torch.no_grad()
     def step(self, closure=None):
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
                     continue
-                dp = p.grad
+                dp = p.grad if grad_scale is None else p.grad / grad_scale
                 if p.ndim > 1:  # weights: decay and adapt; biases and norm parameters: neither
                     dp = dp.add(p, alpha=g["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(dp)
@@ -39,14 +45,22 @@ class LARS(torch.optim.Optimizer):
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
-                mu = state["mu"].mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
+                mu = state["mu"]
+                if found_inf is None:
+                    p.add_(mu.mul_(g["momentum"]).add_(dp), alpha=-g["lr"])
+                else:  # where, not if: a skipped step leaves p and mu as they were, without a sync
+                    skip = found_inf > 0
+                    mu.copy_(torch.where(skip, mu, mu * g["momentum"] + dp))
+                    p.sub_(torch.where(skip, 0.0, g["lr"] * mu))
 
 
-def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float, weight_decay: float):
+def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float, weight_decay: float,
+                    fused: bool = False):
     """An optimizer over a method's parameter groups; a group's own `lr`/`weight_decay` win.
 
-    Each group keeps its starting lr as `base_lr`, which the schedule scales.
+    Each group keeps its starting lr as `base_lr`, which the schedule scales. `fused=True` (for
+    float16 training) picks torch's fused SGD, which like LARS above takes GradScaler's
+    `grad_scale` and `found_inf` on the device: no host sync per step.
     """
     groups = [dict(g) for g in groups if g["params"]]
     for g in groups:
@@ -54,7 +68,7 @@ def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float, w
         g.setdefault("weight_decay", weight_decay)
         g["base_lr"] = g["lr"]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")

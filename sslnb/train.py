@@ -250,8 +250,9 @@ def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", c
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     base_lr = cfg.lr * cfg.batch_size / 256 if cfg.lr_batch_scaling else cfg.lr
-    optimizer = build_optimizer(model.parameter_groups(), cfg.optimizer, base_lr, cfg.momentum, cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    fp16 = amp_dtype == torch.float16  # a loss scaler, and optimizers that take its inf check on the device
+    optimizer = build_optimizer(model.parameter_groups(), cfg.optimizer, base_lr, cfg.momentum, cfg.weight_decay, fused=fp16)
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     gen = torch.Generator(device).manual_seed(cfg.seed)  # batch order and augmentations
     steps = len(fit_ds) // cfg.batch_size
     total_steps, warmup_steps = cfg.epochs * steps, cfg.warmup_epochs * steps

@@ -47,6 +47,47 @@ def test_lars_matches_the_reference_update():
     torch.testing.assert_close(layer.bias.detach(), b)
 
 
+@pytest.mark.parametrize("name", ["lars", "sgd"])
+def test_float16_loss_scaling_stays_on_the_device(name, monkeypatch):
+    """With GradScaler (float16 training: GPUs without bfloat16, e.g. Colab's T4) LARS and the
+    fused SGD unscale the gradients and skip an inf step themselves: the same updates as
+    without scaling, no host read per step, and an inf step leaves weights and momentum alone."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.randn(32, 3)
+    models = [nn.Linear(5, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer([{"params": m.parameters()}], name, 0.5, 0.9, 1e-2, fused=True) for m in models]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    reads = []
+    original = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or original(t))
+    for _ in range(3):
+        for m, opt, scaled in zip(models, opts, [False, True]):
+            loss = (m(x) - y).pow(2).mean()
+            opt.zero_grad()
+            if scaled:  # a power-of-two scale: the unscaled gradients are exactly the same
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+    assert reads == []
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
+    # an overflowing step: skipped on the device, and the scaler halves its scale
+    before = [p.detach().clone() for p in models[1].parameters()]
+    momentum = [opts[1].state[p]["momentum_buffer" if name == "sgd" else "mu"].clone() for p in models[1].parameters()]
+    opts[1].zero_grad()
+    scaler.scale((models[1](x) - y).pow(2).mean() * float("inf")).backward()
+    scaler.step(opts[1])
+    scaler.update()
+    for p, w, mu in zip(models[1].parameters(), before, momentum):
+        assert torch.equal(p.detach(), w)
+        assert torch.equal(opts[1].state[p]["momentum_buffer" if name == "sgd" else "mu"], mu)
+    assert scaler.get_scale() == 2.0**9
+
+
 def test_lars_leaves_zero_weights_and_zero_grads_finite():
     p = nn.Parameter(torch.zeros(3, 3))
     p.grad = torch.zeros(3, 3)

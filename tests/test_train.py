@@ -285,14 +285,18 @@ def test_registry_invariants():
     assert quick_moco.method_kwargs["queue_size"] % (2 * quick_moco.batch_size) == 0
 
 
+@pytest.mark.parametrize("float16", [False, True], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_no_host_sync_per_step(method, small_digits, monkeypatch, tmp_path):
+def test_no_host_sync_per_step(method, float16, small_digits, monkeypatch, tmp_path):
     """The loop reads no tensor value on the host inside an epoch (without a progress bar): the
     number of reads (.item(), float(t), bool(t), .cpu(), ...) must not grow with the steps. On a
     GPU each read would wait for the device. Evaluation is stubbed out: it reads at the epoch's
-    end. What this cannot see: syncs inside torch's own CUDA kernels (e.g. eigh's error check
-    in DirectPred, or GradScaler's inf check with float16), which only a GPU run shows."""
+    end. float16 (a T4's precision, here on the CPU) adds GradScaler, whose inf check the
+    optimizers take on the device. What this cannot see: syncs inside torch's own CUDA kernels
+    (e.g. eigh's error check in DirectPred), which only a GPU run shows."""
     monkeypatch.setattr(T, "_evaluate", lambda *a, **k: {"knn_top1": 0.0, "embedding_std": 1.0})
+    if float16:
+        monkeypatch.setattr(T, "pick_precision", lambda device: torch.float16)
     reads = []
     for name in ["item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"]:
         original = getattr(torch.Tensor, name)
