@@ -270,12 +270,7 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
 
 def random_grayscale(x, p=0.2, generator=None):
     """RandomGrayscale(p): grey level in all 3 channels, torchvision's weights."""
-    return grayscale(x, _coin(x.shape[0], p, generator, x.device))
-
-
-def grayscale(x, apply):
-    """The grey level in all 3 channels where `apply` (bool [B]), the image elsewhere."""
-    return _mix_channels(x, grayscale_matrices(apply))
+    return _mix_channels(x, grayscale_matrices(_coin(x.shape[0], p, generator, x.device)))
 
 
 def grayscale_matrices(apply):
@@ -400,12 +395,12 @@ class View:
         self.config, self.mean, self.std, self.size = config, tuple(mean), tuple(std), size
 
     def __call__(self, images: Tensor, generator=None) -> Tensor:
-        return Views(self.config, mean=self.mean, std=self.std, size=self.size)(images, generator)[0]
+        _check_images(images)
+        return _render_views((self,), images, to_float, generator)[0]
 
     def apply(self, x: Tensor, generator=None) -> Tensor:
         """The pipeline on a float batch in [0,1] (not modified)."""
-        params = self.sample(len(x), x.shape[-2], x.shape[-1], generator, x.device)
-        return _in_cpu_blocks(lambda block: (self.render(x[block], _take(params, block)),), len(x), x.device)[0]
+        return _render_views((self,), x, lambda block: block, generator)[0]
 
     def sample(self, n: int, height: int, width: int, generator=None, device=None) -> dict:
         """Every random draw of the pipeline for n images of height x width, as a dict of
@@ -417,10 +412,10 @@ class View:
             box = sample_crop_boxes(n, height, width, c.crop_scale, c.crop_ratio, g, device)
         elif c.pad_crop is not None:
             box = pad_crop_boxes(n, height, width, c.pad_crop, self.size, g, device)
-        if box is not None or c.flip_p > 0:
+        if box is not None:  # a crop always draws its flip coin, as the crop ops do
+            params["crop"] = (*box, _coin(n, c.flip_p, g, device))
+        elif c.flip_p > 0:
             params["flip"] = _coin(n, c.flip_p, g, device)
-        if box is not None:
-            params["crop"] = (*box, params.pop("flip"))
         if c.jitter_p > 0 and any(c.jitter):
             params["jitter"] = jitter_matrices(*jitter_params(n, *c.jitter, p=c.jitter_p, generator=g,
                                                               device=device))
@@ -463,14 +458,7 @@ class Views:
 
     def __call__(self, images: Tensor, generator=None) -> tuple:
         _check_images(images)
-        n, _, height, width = images.shape
-        params = [view.sample(n, height, width, generator, images.device) for view in self.views]
-
-        def render(block):
-            x = to_float(images[block])  # converted once for all views
-            return tuple(view.render(x, _take(p, block)) for view, p in zip(self.views, params))
-
-        return _in_cpu_blocks(render, n, images.device)
+        return _render_views(self.views, images, to_float, generator)
 
     def __repr__(self):
         return "Views(" + ", ".join(map(repr, self.views)) + ")"
@@ -488,10 +476,23 @@ class Views:
 CPU_BLOCK = 64
 
 
+def _render_views(views, batch: Tensor, convert, generator=None) -> tuple:
+    """Each view of `batch`: every view's parameters drawn for the whole batch (one view
+    after the other), then rendered on `convert(batch[block])`, converted once for all views."""
+    n, _, height, width = batch.shape
+    params = [view.sample(n, height, width, generator, batch.device) for view in views]
+
+    def render(block):
+        x = convert(batch[block])
+        return tuple(view.render(x, _take(p, block)) for view, p in zip(views, params))
+
+    return _in_cpu_blocks(render, n, batch.device)
+
+
 def _in_cpu_blocks(render, n: int, device) -> tuple:
     """render(slice) -> tuple of batches, for slice(0, n) at once, or on a CPU block by
     block into one output per batch."""
-    if torch.device(device).type != "cpu" or n <= CPU_BLOCK:
+    if device.type != "cpu" or n <= CPU_BLOCK:
         return render(slice(0, n))
     outs = None
     for start in range(0, n, CPU_BLOCK):
