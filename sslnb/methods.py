@@ -76,25 +76,31 @@ class SimCLR(Method):
 
 
 class MoCo(Method):
-    """[0] MoCo, 2020, arXiv:1911.05722; thesis sec. 4.6.1: projection 512->512->128,
-    queue K=4096, key-encoder momentum 0.99, temperature 0.1.
+    """[0] MoCo, 2020, arXiv:1911.05722; thesis sec. 4.6.1: projection 512->512->128 (lightly's
+    MoCo head), queue K=4096, key-encoder momentum 0.99, temperature 0.1.
 
-    As in the MoCo authors' CIFAR-10 demo (the thesis's settings match it), the loss is
-    symmetrized and both views' keys are enqueued. One GPU has no cross-GPU shuffling BN, so
-    BatchNorm statistics would leak which key is the positive; we emulate shuffle-BN: the
-    backbones use `SplitBatchNorm2d` (8 groups, like 8 GPUs) and the key batch is shuffled
-    before the key encoder and unshuffled after, so a key never shares BN statistics with
-    its query.
+    `symmetric=True` (default) averages the two directions, 0.5 (L(q1, k2) + L(q2, k1)), and
+    enqueues both views' keys, as lightly's CIFAR-10 benchmark that the thesis's code was built
+    on does; `symmetric=False` is the MoCo paper's single direction L(q1, k2) with k2 enqueued
+    (the MoCo authors' CIFAR-10 demo defaults to it, and sums the two terms when symmetric:
+    twice our loss, the same as doubling the lr). One GPU has no cross-GPU shuffling BN, so
+    BatchNorm statistics would leak which key is the positive; we emulate shuffle-BN as that
+    benchmark does: the backbones use `SplitBatchNorm2d` (8 groups, like 8 GPUs) and the key
+    batch is shuffled before the key encoder and unshuffled after, so a key never shares BN
+    statistics with its query. `use_projector=False` drops the head (thesis fig. 4.2): the
+    contrast is then on the 512-d backbone features.
     """
 
     def __init__(self, backbone="resnet18", width=64, proj_dims=(512, 128), queue_size=4096, ema=0.99,
-                 temperature=0.1, bn_splits=8):
+                 temperature=0.1, bn_splits=8, symmetric=True, use_projector=True):
         norm = functools.partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
         super().__init__(backbone, width, norm)
-        self.projector = mlp([self.backbone.feature_dim, *proj_dims], batch_norm=False)
+        dim = self.backbone.feature_dim
+        self.projector = mlp([dim, *proj_dims], batch_norm=False) if use_projector else nn.Identity()
         self.key_backbone, self.key_projector = _frozen_copy(self.backbone), _frozen_copy(self.projector)
-        self.ema, self.temperature, self.bn_splits = ema, temperature, bn_splits
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dims[-1]), dim=1))  # [K, D]
+        self.ema, self.temperature, self.bn_splits, self.symmetric = ema, temperature, bn_splits, symmetric
+        out_dim = proj_dims[-1] if use_projector else dim
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))  # [K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @classmethod
@@ -102,9 +108,10 @@ class MoCo(Method):
         opts = {**method_options("moco"), **options}
         if batch_size % opts["bn_splits"]:
             raise ValueError(f"moco: batch_size {batch_size} must be a multiple of bn_splits={opts['bn_splits']}")
-        if opts["queue_size"] % (2 * batch_size):
-            raise ValueError(f"moco: queue_size {opts['queue_size']} must be a multiple of 2 x batch_size "
-                             f"({2 * batch_size}): both views' keys are enqueued every step")
+        keys = 2 * batch_size if opts["symmetric"] else batch_size
+        if opts["queue_size"] % keys:
+            raise ValueError(f"moco: queue_size {opts['queue_size']} must be a multiple of the keys enqueued per "
+                             f"step ({keys}{' = 2 x batch_size' if opts['symmetric'] else ''})")
 
     @torch.no_grad()
     def keys(self, x):
@@ -116,12 +123,17 @@ class MoCo(Method):
         self._check_views(x1, x2)
         if x1.shape[0] % self.bn_splits:
             raise ValueError(f"MoCo: batch {x1.shape[0]} must be a multiple of bn_splits={self.bn_splits}")
-        q1, q2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
-        k1, k2 = self.keys(x1), self.keys(x2)
         queue = self.queue.clone()  # the enqueue below must not change what backward sees
-        loss = 0.5 * (losses.info_nce(q1, k2, queue, self.temperature) + losses.info_nce(q2, k1, queue, self.temperature))
+        q1 = self.projector(self.backbone(x1))
+        if not self.symmetric:
+            k2 = self.keys(x2)
+            loss, keys = losses.info_nce(q1, k2, queue, self.temperature), k2
+        else:
+            q2, k1, k2 = self.projector(self.backbone(x2)), self.keys(x1), self.keys(x2)
+            loss = 0.5 * (losses.info_nce(q1, k2, queue, self.temperature) + losses.info_nce(q2, k1, queue, self.temperature))
+            keys = torch.cat([k1, k2])
         if self.training:
-            self._enqueue(torch.cat([k1, k2]))
+            self._enqueue(keys)
         return {"loss": loss}
 
     @torch.no_grad()
@@ -129,7 +141,7 @@ class MoCo(Method):
         k = losses.gather(k)
         size = self.queue.shape[0]
         if size % len(k):
-            raise ValueError(f"MoCo: queue_size {size} must be a multiple of the keys per step ({len(k)} = 2 x batch)")
+            raise ValueError(f"MoCo: queue_size {size} must be a multiple of the keys enqueued per step ({len(k)})")
         idx = (self.queue_ptr + torch.arange(len(k), device=k.device)) % size  # stays on the device
         self.queue.index_copy_(0, idx, k.to(self.queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + len(k)) % size)
@@ -140,23 +152,34 @@ class MoCo(Method):
 
 class BYOL(Method):
     """[0] BYOL, 2020, arXiv:2006.07733; thesis sec. 4.6.2: projection 512->4096->256,
-    predictor 256->4096->256, target EMA 0.9 constant (the thesis; the paper uses
-    0.996 -> 1), symmetric negative cosine with a stop-gradient on the target.
+    predictor 256->4096->256 (lightly's BYOL heads), target momentum m = 0.9 constant (the
+    paper: 0.996 -> 1), symmetric negative cosine with a stop-gradient on the target.
 
-    `predictor_lr` / `predictor_weight_decay` (None: the optimizer's) give the predictor
+    The thesis ran lightly's `BYOL` model (2021-22), whose `forward` calls `_forward` once
+    per direction and each call first applies the momentum update: two updates per step, so
+    the target moved with m^2 = 0.81 per step. `target_updates_per_step=2` reproduces that
+    (two updates with no optimizer step between them equal one with m^2); 1 is the paper's.
+    `linear_predictor=True` makes the predictor one 256x256 linear map without bias (the
+    eigenspace analysis of thesis sec. 4.7.2 and DirectPred's paper); `pred_hidden=0` removes
+    it. `predictor_lr` / `predictor_weight_decay` (None: the optimizer's) give the predictor
     its own parameter group: the thesis's experiments 4.7.3 and 4.7.4 turn these knobs.
     """
 
     def __init__(self, backbone="resnet18", width=64, proj_dims=(4096, 256), pred_hidden=4096, ema=0.9,
-                 predictor_lr=None, predictor_weight_decay=None):
+                 target_updates_per_step=2, linear_predictor=False, predictor_lr=None, predictor_weight_decay=None):
         super().__init__(backbone, width)
         self.projector = mlp([self.backbone.feature_dim, *proj_dims])
-        self.predictor = mlp([proj_dims[-1], pred_hidden, proj_dims[-1]]) if pred_hidden else None
+        d = proj_dims[-1]
+        if linear_predictor:
+            self.predictor = nn.Linear(d, d, bias=False)
+        else:
+            self.predictor = mlp([d, pred_hidden, d]) if pred_hidden else None
         self.target_backbone, self.target_projector = _frozen_copy(self.backbone), _frozen_copy(self.projector)
-        self.ema, self.predictor_lr, self.predictor_weight_decay = ema, predictor_lr, predictor_weight_decay
+        self.ema, self.target_updates_per_step = ema, target_updates_per_step
+        self.predictor_lr, self.predictor_weight_decay = predictor_lr, predictor_weight_decay
 
     def predict(self, z):
-        return self.predictor(z)
+        return self.predictor(z) if self.predictor is not None else z
 
     def forward(self, x1, x2, labels=None):
         self._check_views(x1, x2)
@@ -168,7 +191,8 @@ class BYOL(Method):
         return {"loss": 0.5 * (losses.negative_cosine(p1, t2) + losses.negative_cosine(p2, t1))}
 
     def after_step(self):
-        ema_update([self.target_backbone, self.target_projector], [self.backbone, self.projector], self.ema)
+        momentum = self.ema ** self.target_updates_per_step  # k updates with m in a row = one with m^k
+        ema_update([self.target_backbone, self.target_projector], [self.backbone, self.projector], momentum)
 
     def parameter_groups(self):
         return _predictor_groups(self, self.predictor_lr, self.predictor_weight_decay)
@@ -195,11 +219,14 @@ class DirectPred(BYOL):
     (uncentered, online projections, both views), F = U diag(s) U^T, s clamped at 0 and
     divided by its largest value, p = sqrt(s) + eps, W_p = U diag(p) U^T. The thesis uses
     rho = 0.99 and eps = 0.1 (the paper 0.3 and 0.01). W_p gets no gradient and no weight
-    decay, but gradients flow through it into the projector.
+    decay, but gradients flow through it into the projector. The target follows BYOL's,
+    lightly's model included: m = 0.9 applied twice per step (`target_updates_per_step`).
     """
 
-    def __init__(self, backbone="resnet18", width=64, proj_dims=(4096, 256), ema=0.9, f_momentum=0.99, eps=0.1):
-        super().__init__(backbone, width, proj_dims, pred_hidden=0, ema=ema)  # no learned predictor
+    def __init__(self, backbone="resnet18", width=64, proj_dims=(4096, 256), ema=0.9, target_updates_per_step=2,
+                 f_momentum=0.99, eps=0.1):
+        super().__init__(backbone, width, proj_dims, pred_hidden=0, ema=ema,  # no learned predictor
+                         target_updates_per_step=target_updates_per_step)
         d = proj_dims[-1]
         self.f_momentum, self.eps = f_momentum, eps
         self.register_buffer("F", torch.zeros(d, d))
@@ -240,9 +267,14 @@ class DirectPred(BYOL):
 
 
 class SimSiam(Method):
-    """[0] SimSiam, 2021, arXiv:2011.10566; thesis sec. 4.6.3: projection 512->2048->2048->2048
-    (BN after every layer, the last without affine), predictor 2048->512->2048, symmetric
-    negative cosine with a stop-gradient on the target branch.
+    """[0] SimSiam, 2021, arXiv:2011.10566; thesis sec. 4.6.3: projection 512->2048->2048
+    with BN after both layers, predictor 2048->512->2048, symmetric negative cosine with a
+    stop-gradient on the target branch.
+
+    The thesis's SimSiam is IgorSusmelj/simsiam-cifar10 (its ref. [5]): lightly's `SimSiam`
+    with `num_mlp_layers=2`, whose output BN keeps its affine scale and shift. The paper's
+    three-layer head is `proj_dims=(2048, 2048, 2048)`; its output BN has no affine part
+    (`output_affine=False`). The thesis's lr 0.04 is its own; that script used 0.06.
 
     `use_predictor=False` is the thesis's sec. 4.7.1 ablation, which collapses. `predictor_lr`
     (None: the optimizer's) gives the predictor its own learning rate, as BYOL's option does:
@@ -250,10 +282,10 @@ class SimSiam(Method):
     paper's variant keeps it fixed instead).
     """
 
-    def __init__(self, backbone="resnet18", width=64, proj_dims=(2048, 2048, 2048), pred_hidden=512,
+    def __init__(self, backbone="resnet18", width=64, proj_dims=(2048, 2048), pred_hidden=512, output_affine=True,
                  use_predictor=True, predictor_lr=None):
         super().__init__(backbone, width)
-        self.projector = mlp([self.backbone.feature_dim, *proj_dims], last_batch_norm=True)
+        self.projector = mlp([self.backbone.feature_dim, *proj_dims], last_batch_norm=True, last_affine=output_affine)
         self.predictor = mlp([proj_dims[-1], pred_hidden, proj_dims[-1]]) if use_predictor else nn.Identity()
         self.predictor_lr = predictor_lr
 
@@ -270,7 +302,15 @@ class SimSiam(Method):
 
 class BarlowTwins(Method):
     """[0] Barlow Twins, 2021, arXiv:2103.03230; thesis sec. 2.5 and 4.6.4: projection
-    512->2048->2048->2048 (three layers), lambda = 0.005."""
+    512->2048->2048->2048 (three layers), lambda = 0.005.
+
+    The thesis took its Barlow Twins from IgorSusmelj/barlowtwins (its ref. [4]). That script's
+    final version (2021-03-09, commit 860504b, the one a 2022 clone gets) builds the head with
+    lightly's `SimSiam(num_mlp_layers=3)`: three layers, as sec. 2.5 says; its first version
+    had two (`proj_dims=(2048, 2048)`). That head ends with an affine BN, which the loss's
+    per-dimension standardisation undoes, so we leave it out. The paper's head is
+    8192-8192-8192 (`proj_dims=(8192, 8192, 8192)`).
+    """
 
     def __init__(self, backbone="resnet18", width=64, proj_dims=(2048, 2048, 2048), lambd=0.005):
         super().__init__(backbone, width)
@@ -343,7 +383,10 @@ METHODS: dict[str, MethodSpec] = {
     "moco": MethodSpec(MoCo, {**THESIS, "lr": 0.06}, quick={"queue_size": 256}, source="thesis 4.6.1"),
     "byol": MethodSpec(BYOL, {**THESIS, "lr": 0.06}, source="thesis 4.6.2"),
     "simsiam": MethodSpec(SimSiam, {**THESIS, "lr": 0.04}, source="thesis 4.6.3"),
-    "barlow_twins": MethodSpec(BarlowTwins, {**THESIS, "lr": 0.06}, source="thesis 4.6.4"),
+    # the thesis states no lr for Barlow Twins (its fig. 4.3 draws the schedule); its ref. [4]
+    # trains with SGD lr 1e-3, momentum 0.9, weight decay 5e-4, cosine (its 1000-step warm-up
+    # sits in a method named `optimizer_steps`, which Lightning never calls, so none ran)
+    "barlow_twins": MethodSpec(BarlowTwins, {**THESIS, "lr": 1e-3}, source="thesis 4.6.4; lr from its ref. [4]"),
     "directpred": MethodSpec(DirectPred, {**THESIS, "lr": 0.06}, source="thesis 4.6.5"),
     # study sec. 3.2.1: LARS, lr = 0.2 * batch / 256, weight decay 1e-5, batch 128, 10 warm-up
     # epochs from 0, cosine to 0.002, 100 epochs; snapshots at 50 and 100 (sec. 3.3.1)

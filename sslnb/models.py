@@ -129,11 +129,13 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         return out.view(n, c, h, w)
 
 
-def mlp(dims: list[int], batch_norm: bool = True, last_bias: bool = True, last_batch_norm: bool = False) -> nn.Sequential:
+def mlp(dims: list[int], batch_norm: bool = True, last_bias: bool = True, last_batch_norm: bool = False,
+        last_affine: bool = True) -> nn.Sequential:
     """An MLP head: `Linear -> [BN] -> ReLU` between the sizes in `dims`, a final `Linear`.
 
     `mlp([512, 2048, 2048, 2048], last_bias=False)` is VICReg's expander;
     `mlp([512, 512, 128], batch_norm=False)` is MoCo's projection head.
+    `last_batch_norm` ends with a BatchNorm (SimSiam); `last_affine=False` drops its scale and shift.
     """
     if len(dims) < 2:
         raise ValueError(f"an MLP needs at least an input and an output size, got {dims}")
@@ -145,8 +147,8 @@ def mlp(dims: list[int], batch_norm: bool = True, last_bias: bool = True, last_b
         if not last:
             layers += [nn.BatchNorm1d(d_out)] if batch_norm else []
             layers.append(nn.ReLU(inplace=True))
-    if last_batch_norm:  # SimSiam's output BN has no affine part
-        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+    if last_batch_norm:
+        layers.append(nn.BatchNorm1d(dims[-1], affine=last_affine))
     return nn.Sequential(*layers)
 
 

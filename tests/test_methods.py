@@ -87,15 +87,59 @@ def test_moco_keys_get_no_gradient_and_the_queue_is_used_before_it_is_updated():
     assert m.queue_ptr.item() == 0  # wrapped around: 32 % 32
 
 
-def test_momentum_encoders_follow_the_ema_after_each_step():
-    m = build_method("byol", proj_dims=(16, 8), pred_hidden=16, ema=0.9, **SMALL)
+@pytest.mark.parametrize("updates", [1, 2])
+def test_momentum_encoders_follow_the_ema_after_each_step(updates):
+    """lightly's BYOL (the thesis's) updated its target twice per step: m = 0.9 moved it by 0.81."""
+    m = build_method("byol", proj_dims=(16, 8), pred_hidden=16, ema=0.9, target_updates_per_step=updates, **SMALL)
     opt = build_optimizer(m.parameter_groups(), "sgd", 0.1, 0.9, 0.0)
     before = [p.clone() for p in m.target_backbone.parameters()]
     m(*views())["loss"].backward()
     opt.step()
     m.after_step()
-    for t, b, o in zip(m.target_backbone.parameters(), before, m.backbone.parameters()):
-        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+    expected = [b.clone() for b in before]
+    for _ in range(updates):  # lightly's two `_momentum_update(m)` calls, written out
+        expected = [0.9 * e + 0.1 * o for e, o in zip(expected, m.backbone.parameters())]
+    for t, e in zip(m.target_backbone.parameters(), expected):
+        torch.testing.assert_close(t, e)
+
+
+def test_the_thesis_byol_and_directpred_update_their_targets_twice_per_step():
+    for name in ("byol", "directpred"):
+        assert build_method(name, **SMALL).target_updates_per_step == 2
+
+
+def test_byol_linear_predictor_is_one_square_matrix_without_bias():
+    m = build_method("byol", proj_dims=(16, 8), linear_predictor=True, **SMALL)
+    assert isinstance(m.predictor, torch.nn.Linear) and m.predictor.weight.shape == (8, 8) and m.predictor.bias is None
+    m(*views())["loss"].backward()
+    assert m.predictor.weight.grad is not None
+    assert [g["name"] for g in m.parameter_groups()] == ["online", "predictor"]
+
+
+def test_moco_without_projector_contrasts_backbone_features():
+    m = build_method("moco", queue_size=32, bn_splits=2, use_projector=False, **SMALL)
+    assert m.queue.shape == (32, m.backbone.feature_dim) and not any(True for _ in m.projector.parameters())
+    m(*views())["loss"].backward()
+    assert all(p.grad is not None for p in m.backbone.parameters())
+
+
+def test_moco_asymmetric_loss_is_one_direction_and_enqueues_one_view():
+    torch.manual_seed(0)
+    m = build_method("moco", queue_size=32, bn_splits=2, proj_dims=(16, 8), symmetric=False, **SMALL)
+    x1, x2 = views(8)
+    queue_before = m.queue.clone()
+    torch.manual_seed(1)
+    out = m(x1, x2)
+    torch.manual_seed(1)
+    k2 = m.keys(x2)
+    with torch.no_grad():
+        q1 = m.projector(m.backbone(x1))
+    torch.testing.assert_close(out["loss"].detach(), losses.info_nce(q1, k2, queue_before, 0.1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.queue[:8], k2, rtol=1e-4, atol=1e-5)
+    assert m.queue_ptr.item() == 8
+    m.check_batch(8, {"symmetric": False, "queue_size": 24, "bn_splits": 2})  # 24 = 3 steps of 8 keys
+    with pytest.raises(ValueError, match="multiple of the keys enqueued per step"):
+        m.check_batch(8, {"queue_size": 24, "bn_splits": 2})  # symmetric: 16 keys per step
 
 
 def test_directpred_predictor_is_set_from_F_and_passes_gradients_without_getting_any():

@@ -50,8 +50,10 @@ def test_mlp_heads_follow_their_papers():
     assert sum(isinstance(m, nn.BatchNorm1d) for m in vicreg) == 2 and sum(isinstance(m, nn.ReLU) for m in vicreg) == 2
     moco = mlp([512, 512, 128], batch_norm=False)  # Linear, ReLU, Linear
     assert [type(m) for m in moco] == [nn.Linear, nn.ReLU, nn.Linear]
-    simsiam = mlp([512, 2048, 2048, 2048], last_batch_norm=True)
-    assert isinstance(simsiam[-1], nn.BatchNorm1d) and not simsiam[-1].affine
+    simsiam = mlp([512, 2048, 2048], last_batch_norm=True)  # lightly's two-layer SimSiam projector
+    assert [type(m) for m in simsiam] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert simsiam[-1].affine and simsiam[-2].bias is None  # BN's shift replaces the bias
+    assert not mlp([512, 2048, 2048, 2048], last_batch_norm=True, last_affine=False)[-1].affine  # the paper's
 
 
 def test_ema_update_formula_and_buffers():

@@ -275,7 +275,7 @@ def test_registry_invariants():
     vic = T.default_config("vicreg")
     assert (vic.backbone, vic.optimizer, vic.batch_size, vic.epochs, vic.warmup_epochs) == ("resnet34", "lars", 128, 100, 10)
     assert vic.lr * vic.batch_size / 256 == pytest.approx(0.1) and vic.final_lr == 0.002 and vic.lr_batch_scaling
-    for name, lr in [("moco", 0.06), ("byol", 0.06), ("simsiam", 0.04), ("barlow_twins", 0.06), ("directpred", 0.06)]:
+    for name, lr in [("moco", 0.06), ("byol", 0.06), ("simsiam", 0.04), ("barlow_twins", 1e-3), ("directpred", 0.06)]:
         cfg = T.default_config(name)
         assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.optimizer, cfg.lr_batch_scaling) == (lr, 512, 400, "sgd", False)
     sup = T.default_config("supervised")
