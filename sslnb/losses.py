@@ -20,6 +20,7 @@ def _fp32(loss):
     @functools.wraps(loss)
     def wrapper(*args, **kwargs):
         device = next(a for a in (*args, *kwargs.values()) if torch.is_tensor(a)).device.type
+        device = "cpu" if device == "meta" else device  # meta tensors: FLOP counting (sslnb.budget)
         with torch.autocast(device_type=device, enabled=False):
             args = [a.float() if torch.is_tensor(a) else a for a in args]
             kwargs = {k: v.float() if torch.is_tensor(v) else v for k, v in kwargs.items()}
