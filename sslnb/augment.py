@@ -285,42 +285,97 @@ def _mix_channels(x, m):
     return torch.bmm(m, x.reshape(B, C, H * W)).view(B, C, H, W)
 
 
-def _blur_matrix(k: Tensor, n: int) -> Tensor:
-    """[B, n, n] 1-D convolution with per-sample kernels k [B, K] and reflect padding
-    (torchvision's) folded into the matrix."""
+def _blur_matrix(k: Tensor, n: int, edge: str = "reflect") -> Tensor:
+    """[B, n, n] 1-D convolution with per-sample kernels k [B, K] and the padding folded into
+    the matrix: "reflect" (torchvision's GaussianBlur) or "replicate" (PIL's GaussianBlur
+    repeats the edge pixel)."""
     half = k.shape[1] // 2
-    index = torch.arange(-half, n + half, device=k.device).unfold(0, 2 * half + 1, 1)
-    index = index.abs()  # [n, K] taps, reflected at the start ...
-    index = torch.where(index > n - 1, 2 * (n - 1) - index, index)  # ... and at the end
+    index = torch.arange(-half, n + half, device=k.device).unfold(0, 2 * half + 1, 1)  # [n, K] taps
+    if edge == "replicate":
+        index = index.clamp(0, n - 1)
+    else:
+        index = index.abs()  # reflected at the start ...
+        index = torch.where(index > n - 1, 2 * (n - 1) - index, index)  # ... and at the end
+        index = index.clamp(0, n - 1)  # a kernel wider than twice the image reflects only once
     m = torch.zeros(k.shape[0], n, n, device=k.device)
     return m.scatter_add_(2, index.expand(k.shape[0], n, -1), k[:, None, :].expand(-1, n, -1))
 
 
 def gaussian_blur(x, p=0.5, kernel_size=3, sigma=(0.1, 2.0), generator=None):
-    """RandomApply([GaussianBlur(kernel_size, sigma)], p), sigma ~ U(sigma) per sample.
+    """RandomApply([GaussianBlur], p), sigma ~ U(sigma) per sample.
 
-    The 2-D Gaussian is separable: a per-sample blur matrix along each axis, applied as two
-    batched matmuls (see `_separable`); samples not drawn get a delta kernel (identity).
-    [0] SimCLR, 2020, arXiv:2002.05709
+    kernel_size=K (odd): torchvision's GaussianBlur(K, sigma), a Gaussian truncated to K taps
+    with reflect padding (SimCLR, BYOL). kernel_size=None: PIL's ImageFilter.GaussianBlur(sigma),
+    which the VICReg code uses: three box passes, no truncation (see `pil_box_kernels`).
+    The 2-D blur is separable: a per-sample blur matrix along each axis, applied as two batched
+    matmuls (see `_separable`); samples not drawn get a delta kernel (identity).
+    [0] SimCLR, 2020, arXiv:2002.05709   [2] VICReg, 2022, arXiv:2105.04906
     """
-    return blur(x, blur_kernels(x.shape[0], p, kernel_size, sigma, generator, x.device))
+    kernels = blur_kernels(x.shape[0], p, kernel_size, sigma, generator, x.device)
+    return blur(x, kernels, *_blur_mode(kernel_size))
+
+
+def _blur_mode(kernel_size) -> tuple:
+    """(edge, passes) of `blur` for a kernel size: PIL's three box passes with the edge pixel
+    repeated (kernel_size None), or one pass of torchvision's reflect-padded Gaussian."""
+    return ("replicate", 3) if kernel_size is None else ("reflect", 1)
 
 
 def blur_kernels(n, p=0.5, kernel_size=3, sigma=(0.1, 2.0), generator=None, device=None):
-    """[n, kernel_size] normalised 1-D Gaussians, sigma ~ U(sigma), a delta where the coin
-    (p) says no."""
+    """[n, K] normalised 1-D kernels, sigma ~ U(sigma), a delta where the coin (p) says no:
+    Gaussians truncated to K = kernel_size taps, or (kernel_size None) the box that PIL's
+    GaussianBlur(sigma) applies three times (`pil_box_kernels`)."""
     apply = _coin(n, p, generator, device)
     s = _uniform(n, sigma[0], sigma[1], generator, device)
-    half = (kernel_size - 1) / 2
-    t = torch.linspace(-half, half, kernel_size, device=device)
-    k = torch.exp(-0.5 * (t / s[:, None]) ** 2)
-    return torch.where(apply[:, None], k / k.sum(dim=1, keepdim=True), (t == 0).float())
+    if kernel_size is None:
+        k = pil_box_kernels(s, max_sigma=max(sigma))
+    else:
+        half = (kernel_size - 1) / 2
+        t = torch.linspace(-half, half, kernel_size, device=device)
+        k = torch.exp(-0.5 * (t / s[:, None]) ** 2)
+        k = k / k.sum(dim=1, keepdim=True)
+    centre = torch.arange(k.shape[1], device=device) == k.shape[1] // 2
+    return torch.where(apply[:, None], k, centre.float())
 
 
-def blur(x, kernels):
-    """Each sample blurred by its own 1-D kernel [B, K] along both axes (reflect padding)."""
+def _pil_box_radius(sigma):
+    """PIL's `_gaussian_blur_radius` (BoxBlur.c) for 3 passes: the integer part l and the
+    fractional part a of the box radius whose 3-fold convolution has variance sigma²
+    (Gwosdek et al., 2011, "Theoretical foundations of Gaussian convolution by extended box
+    filtering", eq. 7, 11, 14). Works on floats and on tensors."""
+    s2 = sigma * sigma / 3
+    sqrt, floor = (torch.sqrt, torch.floor) if torch.is_tensor(s2) else (math.sqrt, math.floor)
+    l = floor((sqrt(12 * s2 + 1) - 1) / 2)
+    a = (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
+    return l, a
+
+
+def pil_box_kernels(sigma: Tensor, max_sigma: Optional[float] = None) -> Tensor:
+    """[n, 2L+3] the 1-D box of PIL's `ImageFilter.GaussianBlur(radius=sigma)` for sigma [n].
+
+    PIL approximates a Gaussian by three passes of an "extended" box of radius l + a: weight
+    1/(2(l+a)+1) on the 2l+1 central taps and a/(2(l+a)+1) on the next two, so that the three
+    passes have a variance of exactly sigma² and a support of 6(l+1)+1 taps (13 at sigma = 2,
+    where a 3-tap Gaussian spreads a point less than half as far). Each pass repeats the edge
+    pixel, so the edges see three replicate-padded passes, not one (`blur(x, k, "replicate", 3)`).
+    L is the largest l in the range (`max_sigma`, default the largest sigma given), so kernels
+    drawn from one range share a shape. PIL rounds to uint8 after each pass; we do not
+    (tests/test_blur.py: within 1.5/255 of PIL on delta and random images).
+    """
+    l, a = _pil_box_radius(sigma)
+    l_max = int(_pil_box_radius(float(max_sigma if max_sigma is not None else sigma.max()))[0])
+    taps = torch.arange(-(l_max + 1), l_max + 2, device=sigma.device).abs()
+    box = torch.where(taps <= l[:, None], 1.0, torch.where(taps == l[:, None] + 1, a[:, None], 0.0))
+    return box / (2 * (l + a) + 1)[:, None]  # sums to 1
+
+
+def blur(x, kernels, edge: str = "reflect", passes: int = 1):
+    """Each sample blurred by its own 1-D kernel [B, K] along both axes, `passes` times, with
+    "reflect" or "replicate" padding at every pass (see `_blur_matrix`)."""
     H, W = x.shape[-2:]
-    return _separable(x, _blur_matrix(kernels, H), _blur_matrix(kernels, W))
+    ay, ax = _blur_matrix(kernels, H, edge), _blur_matrix(kernels, W, edge)
+    ay, ax = torch.linalg.matrix_power(ay, passes), torch.linalg.matrix_power(ax, passes)
+    return _separable(x, ay, ax)
 
 
 def solarize(x, p=0.2, threshold=0.5, generator=None):
@@ -374,7 +429,7 @@ class ViewConfig:
     jitter_p: float = 0.0
     grayscale_p: float = 0.0
     blur_p: float = 0.0
-    blur_kernel: int = 3
+    blur_kernel: Optional[int] = 3  # torchvision's GaussianBlur(3); None: PIL's (no truncation)
     blur_sigma: tuple = (0.1, 2.0)  # SimCLR's sigma range
     solarize_p: float = 0.0
     pad_crop: Optional[int] = None  # RandomCrop padding (supervised); used if crop_scale is None
@@ -440,7 +495,7 @@ class View:
         if "grayscale" in params:
             x = _mix_channels(x, params["grayscale"])
         if "blur" in params:
-            x = blur(x, params["blur"])
+            x = blur(x, params["blur"], *_blur_mode(self.config.blur_kernel))
         if "solarize" in params:
             x = solarize_where(x, params["solarize"])
         return normalize(x, self.mean, self.std)
@@ -513,9 +568,11 @@ def _take(params: dict, block: slice) -> dict:
 # VICReg study (sec. 3.2.1): the VICReg paper's pipeline with crop scale (0.2, 1) instead of
 # (0.08, 1) for 32x32 images. From the paper [2] (the SimCLR/BYOL recipe): flip 0.5, jitter
 # (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, blur p 1.0 / 0.1, solarize p 0.0 / 0.2. The
-# 23 px blur kernel of SimCLR/BYOL (10% of a 224 px side) is 3 px at 32 px.
+# VICReg code blurs with PIL's ImageFilter.GaussianBlur(sigma), sigma ~ U(0.1, 2.0), which has
+# no kernel size: blur_kernel=None renders PIL's kernel (up to 13 taps at sigma = 2). A 3-tap
+# Gaussian (SimCLR's 10% of the image side) spread a point 0.80 px at sigma = 2, PIL 2.03 px.
 _VICREG = dict(crop_scale=(0.2, 1.0), flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
-               grayscale_p=0.2, blur_kernel=3)
+               grayscale_p=0.2, blur_kernel=None)
 VICREG_VIEWS = (ViewConfig(**_VICREG, blur_p=1.0, solarize_p=0.0),
                 ViewConfig(**_VICREG, blur_p=0.1, solarize_p=0.2))
 
@@ -590,7 +647,43 @@ def torchvision_reference(config: ViewConfig, mean=CIFAR10_MEAN, std=CIFAR10_STD
     if c.grayscale_p > 0:
         ops.append(T.RandomGrayscale(c.grayscale_p))
     if c.blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(c.blur_kernel, c.blur_sigma)], p=c.blur_p))
+        blur_op = PILGaussianBlur(c.blur_sigma) if c.blur_kernel is None else T.GaussianBlur(c.blur_kernel, c.blur_sigma)
+        ops.append(T.RandomApply([blur_op], p=c.blur_p))
     if c.solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=c.solarize_p))
     return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+class PILGaussianBlur:
+    """The VICReg code's blur on ONE PIL image: `ImageFilter.GaussianBlur(sigma)` with sigma ~
+    U(sigma) (drawn from torch's default generator, like torchvision's transforms).
+    [2] VICReg, 2022, arXiv:2105.04906 (its augmentations.py)"""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = tuple(sigma)
+
+    def __call__(self, img):
+        from PIL import ImageFilter
+
+        s = float(torch.empty(1).uniform_(*self.sigma))
+        return img.filter(ImageFilter.GaussianBlur(s))
+
+    def __repr__(self):
+        return f"PILGaussianBlur(sigma={self.sigma})"
+
+
+# ---------------------------------------------------------------- ImageNet backbones
+
+# torchvision's ImageNet statistics, which the VICReg ImageNet ResNet-50 was trained with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_transform(size: int = 224, train: bool = False, flip: bool = True, scale=(0.08, 1.0)) -> View:
+    """CIFAR batches for an ImageNet backbone (study sec. 3.4): upsampled bilinearly to size x size
+    and normalized with ImageNet's statistics. train=True: the VICReg linear-evaluation crop
+    (+ flip), drawn on the small image and resampled straight to `size` (one resampling).
+    [2] VICReg, 2022, arXiv:2105.04906"""
+    if train:
+        return linear_eval_transform(IMAGENET_MEAN, IMAGENET_STD, size, flip, scale)
+    return eval_transform(IMAGENET_MEAN, IMAGENET_STD, size)

@@ -25,7 +25,7 @@ GPUS = {
     "Colab A100": dict(tflops=40.0, memory_gb=40.0),
 }
 DATASET_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "digits": (1_438, 359)}
-_PROBE_BATCH = 8  # a multiple of MoCo's 8 BatchNorm groups
+_PROBE_BATCH = 16  # two images in each of MoCo's 8 BatchNorm groups (one fails at 1x1 feature maps)
 
 
 @functools.lru_cache(maxsize=32)
@@ -111,17 +111,9 @@ def table(cfg, dataset_size=None) -> str:
 
 def show(cfg, dataset_size=None) -> None:
     """Display `table(cfg)` (rendered markdown in Jupyter, plain text elsewhere)."""
-    text = table(cfg, dataset_size)
-    try:
-        from IPython import get_ipython
-        from IPython.display import Markdown, display
+    from .plots import show_markdown
 
-        if get_ipython() is not None:
-            display(Markdown(text))
-            return
-    except ImportError:
-        pass
-    print(text)
+    show_markdown(table(cfg, dataset_size))
 
 
 def _duration(seconds: float) -> str:

@@ -7,6 +7,7 @@ shuffle with a device permutation, and augment whole batches there (see `sslnb.a
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +60,10 @@ class ImageDataset:
         return ImageDataset(self.images[indices], self.labels[indices], self.classes)
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of the images in [0,1] (for normalization)."""
+        """Per-channel mean and std of the images in [0,1] (for normalization); a channel that never
+        changes gets std 1/255 instead of 0, so normalizing it cannot divide by zero."""
         x = self.images.float().div_(255).transpose(0, 1).reshape(3, -1)
-        return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+        return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1 / 255).tolist())
 
 
 # -- sources ------------------------------------------------------------------------------
@@ -103,7 +105,7 @@ def _load_cifar(name: str, root: Path, download: bool):
 def _load_digits(image_size: int = 32, test_fraction: float = 0.2, seed: int = 0):
     """scikit-learn's bundled 8x8 digits (1,797 images), upscaled to RGB: works offline.
 
-    A stratified, seeded split gives 1,437 training and 360 test images.
+    A stratified, seeded split gives 1,438 training and 359 test images.
     """
     from sklearn.datasets import load_digits
 
@@ -131,16 +133,14 @@ def _load_image_folder(root: Path, image_size: int):
     if missing:
         raise ValueError(f"image folder {root} has no {' or '.join(m + '/' for m in missing)}; "
                          "expected train/<class>/* and test/<class>/*")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    if not classes:
-        raise ValueError(f"{root / 'train'} has no class folders; expected train/<class>/*")
+    files = {split: {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+                     for d in (root / split).iterdir() if d.is_dir()} for split in ("train", "test")}
+    classes = _check_classes(root, files["train"], files["test"])
     splits = []
     for split in ("train", "test"):
         images, labels = [], []
         for c, name in enumerate(classes):
-            folder = root / split / name
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
-            for path in files:
+            for path in files[split].get(name, []):
                 try:
                     with Image.open(path) as im:
                         im = im.convert("RGB")
@@ -155,6 +155,35 @@ def _load_image_folder(root: Path, image_size: int):
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
         splits.append(ImageDataset(x, torch.tensor(labels), classes))
     return splits[0], splits[1]
+
+
+def _check_classes(root: Path, train: dict, test: dict) -> list[str]:
+    """The classes of an image folder (`{class: [files]}` per split), refusing what makes
+    evaluation meaningless and warning, with the folders named, about what is merely unusual."""
+    names = lambda cs: ", ".join(f"{s}/{c}" for s, c in cs)  # noqa: E731
+    untrained = sorted(c for c in test if test[c] and not train.get(c))
+    if untrained:  # kNN and the probes could never predict them: accuracy would be meaningless
+        raise ValueError(f"{names(('test', c) for c in untrained)} in {root} has no training images "
+                         f"(no {names(('train', c) for c in untrained)} images); every test class needs "
+                         "training images")
+    empty = sorted({(s, c) for s, split in (("train", train), ("test", test)) for c in split
+                    if not split[c] and not train.get(c)})
+    if empty:
+        warnings.warn(f"{names(empty)} in {root} is empty (no {', '.join(IMAGE_EXTENSIONS)} images); "
+                      "that class is left out", stacklevel=3)
+    classes = sorted(c for c in train if train[c])
+    if not classes:
+        raise ValueError(f"{root / 'train'} holds no images in class folders; expected train/<class>/* with "
+                         f"extensions {', '.join(IMAGE_EXTENSIONS)}")
+    if len(classes) < 2:
+        raise ValueError(f"image folder {root} has one class ({classes[0]}); classification needs at least two "
+                         "class folders, or every accuracy is 100%")
+    untested = [c for c in classes if not test.get(c)]
+    if untested:
+        warnings.warn(f"{names(('train', c) for c in untested)} in {root} has no test images "
+                      f"(no {names(('test', c) for c in untested)} images): that class trains but is never scored",
+                      stacklevel=3)
+    return classes
 
 
 # -- labelled subsets and batches ---------------------------------------------------------
@@ -199,3 +228,23 @@ def iterate_batches(ds: ImageDataset, batch_size: int, shuffle: bool = True, dro
 
 def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def even_batches(ds: ImageDataset, batch_size: int, generator: torch.Generator | None = None):
+    """Yield shuffled `(images, labels)` batches that cover every image once: ceil(n / batch_size)
+    batches of near-equal size (at most `batch_size`). For the probes and fine-tuning, where
+    dropping the last partial batch would leave images out of every epoch on a small training
+    set (1,438 digits at batch 512 would lose 414), and a last batch of one image would upset
+    a training-mode BatchNorm."""
+    n = len(ds.labels)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = torch.randperm(n, device=ds.labels.device, generator=generator)
+    for idx in order.tensor_split(-(-n // batch_size)):
+        yield ds.images[idx], ds.labels[idx]
+
+
+def even_batch_size(n: int, batch_size: int) -> int:
+    """The largest batch `even_batches` yields for `n` images: what a probe reports it used."""
+    steps = -(-n // batch_size)
+    return -(-n // steps)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import augment
-from .data import ImageDataset, iterate_batches, labelled_subset
+from .data import ImageDataset, even_batch_size, even_batches, iterate_batches, labelled_subset
 from .optim import warmup_cosine
 
 KNN_K, KNN_T = 200, 0.1  # thesis sec. 4.5: the same for every experiment
@@ -95,28 +95,36 @@ def _fit(model: nn.Module, head: nn.Module, params, train: ImageDataset, test: I
     device = train.labels.device
     gen = torch.Generator(device).manual_seed(seed)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    batch_size = min(batch_size, len(train.labels))
-    steps = len(train.labels) // batch_size
+    # every image in every epoch: ceil(n / batch) near-equal batches (dropping the last partial batch
+    # would leave 414 of digits' 1,438 images out at batch 512); the batch reported is the one used
+    batch_size = even_batch_size(len(train.labels), batch_size)
+    steps = -(-len(train.labels) // batch_size)
     history = []
     for epoch in range(1, epochs + 1):
         model.train(not frozen)  # a frozen backbone stays in eval mode: its BN statistics do not move
         head.train()
         total = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(tqdm(iterate_batches(train, batch_size, generator=gen), total=steps,
+        correct, seen = torch.zeros((), device=device), 0  # train top-1 on the augmented batches, no host sync
+        for i, (x, y) in enumerate(tqdm(even_batches(train, batch_size, generator=gen), total=steps,
                                         desc=f"{desc} {epoch}/{epochs}", disable=not progress, leave=False)):
             for g in opt.param_groups:
                 g["lr"] = warmup_cosine((epoch - 1) * steps + i, epochs * steps, 0, lr)
             x = train_transform(x, generator=gen)
             with torch.set_grad_enabled(not frozen):
                 h = model(x)
-            loss = F.cross_entropy(head(h.float()), y)
+            logits = head(h.float())
+            loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.detach()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
         history.append({"epoch": epoch, "train_loss": float(total / steps),
+                        "train_top1": float(correct / max(seen, 1) * 100),  # VICReg study fig. 5
                         "test_top1": classifier_accuracy(model, head, test, test_transform)})
-    return {"top1": history[-1]["test_top1"], "best_top1": max(h["test_top1"] for h in history), "history": history}
+    return {"top1": history[-1]["test_top1"], "best_top1": max(h["test_top1"] for h in history), "history": history,
+            "batch_size": batch_size}
 
 
 @torch.no_grad()
@@ -130,7 +138,7 @@ def classifier_accuracy(model: nn.Module, head: nn.Module, test: ImageDataset, t
 
 def linear_probe(backbone: nn.Module, train: ImageDataset, test: ImageDataset, protocol: str = "thesis",
                  mean=augment.CIFAR10_MEAN, std=augment.CIFAR10_STD, seed: int = 0, progress: bool = True,
-                 cached: bool = False, **overrides) -> dict:
+                 cached: bool = False, size: int | None = None, **overrides) -> dict:
     """Train a linear classifier on a frozen backbone (eval mode) with one of `PROBES`' protocols.
 
     `cached=True` extracts the features of the un-augmented images once and trains on them:
@@ -143,7 +151,7 @@ def linear_probe(backbone: nn.Module, train: ImageDataset, test: ImageDataset, p
     p = {**PROBES[protocol], **overrides}
     backbone = copy.deepcopy(backbone).to(train.device).requires_grad_(False).eval()
     head = nn.Linear(backbone.feature_dim, train.num_classes).to(train.device)
-    size = train.images.shape[-1]
+    size = size or train.images.shape[-1]  # `size`: resample to it (an ImageNet backbone on CIFAR: 224)
     plain = augment.eval_transform(mean, std, size)
     if cached:  # features once; the "model" is then the identity
         train = SimpleNamespace(images=extract_features(backbone, train.images, plain), labels=train.labels)
@@ -154,7 +162,7 @@ def linear_probe(backbone: nn.Module, train: ImageDataset, test: ImageDataset, p
     out = _fit(backbone, head, head.parameters(), train, test, crop, plain, p["epochs"], p["lr"], p["batch_size"],
                p["momentum"], p["weight_decay"], frozen=True, seed=seed, progress=progress,
                desc=f"linear probe ({protocol}{', cached' if cached else ''})")
-    return {"protocol": protocol, "cached": cached, "settings": p, **out}
+    return {"protocol": protocol, "cached": cached, "settings": {**p, "batch_size": out.pop("batch_size")}, **out}
 
 
 def finetune(backbone: nn.Module, train: ImageDataset, test: ImageDataset, label_fraction: float = 1.0,
@@ -174,4 +182,95 @@ def finetune(backbone: nn.Module, train: ImageDataset, test: ImageDataset, label
                lambda x, generator=None: views(x, generator=generator)[0], augment.eval_transform(mean, std, size),
                p["epochs"], p["lr"], p["batch_size"], p["momentum"], p["weight_decay"], frozen=False, seed=seed,
                progress=progress, desc=f"fine-tune ({label_fraction:.0%} labels)")
-    return {"label_fraction": label_fraction, "settings": p, **out}
+    return {"label_fraction": label_fraction, "settings": {**p, "batch_size": out.pop("batch_size")}, **out}
+
+
+# -- the thesis's comparison (notebook 17): stored evaluations, accuracy against labels per class --
+
+def load_or_evaluate(run, settings: dict, compute) -> dict:
+    """`compute()` once per run and `settings`: its JSON result is kept in the run's
+    `evaluations.json` under the settings, so a figure or table that reads it again costs
+    nothing. Any change of settings (protocol, epochs, backbone file, seed) computes anew;
+    delete the file to recompute after changing the evaluation code."""
+    import json
+
+    from .runs import _atomic_write
+
+    key = json.dumps(settings, sort_keys=True)
+    path = run.path / "evaluations.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in stored:
+        stored[key] = json.loads(json.dumps(compute()))  # plain JSON (tuples -> lists), as it will read back
+        text = json.dumps(stored, indent=1)
+        _atomic_write(path, lambda f: f.write(text.encode()))
+    return stored[key]
+
+
+def per_class_indices(labels: torch.Tensor, num_classes: int, per_class: int, seed: int = 0) -> torch.Tensor:
+    """Indices of `per_class` images of every class: the images `data.labelled_subset(per_class=...)`
+    keeps with the same seed (same draw), so a probe on cached features sees the same labels."""
+    g = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    keep = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().squeeze(1)
+        keep.append(idx[torch.randperm(len(idx), generator=g)[: min(per_class, len(idx))]])
+    return torch.cat(keep).sort().values
+
+
+def probe_on_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                      num_classes: int, steps: int = 300, lr: float = 0.3, momentum: float = 0.9,
+                      weight_decay: float = 0.0, batch_size: int = 1024, seed: int = 0) -> float:
+    """Test top-1 (%) of a linear classifier trained on cached features: SGD with momentum and a
+    cosine schedule for a fixed number of `steps` (10 epochs of 10 labelled images would be 10
+    steps), on batches of at most `batch_size` (all of a small labelled set at once). The
+    thesis's probe settings (lr 0.3, momentum 0.9, sec. 4.5) without its augmentation."""
+    device = train_x.device
+    gen = torch.Generator(device).manual_seed(seed)
+    head = nn.Linear(train_x.shape[1], num_classes).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head.reset_parameters()
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n, b = len(train_y), min(batch_size, len(train_y))
+    order = torch.randperm(n, device=device, generator=gen)
+    start = 0
+    for step in range(steps):
+        if start + b > n:
+            order, start = torch.randperm(n, device=device, generator=gen), 0
+        idx = order[start:start + b]
+        start += b
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, steps, 0, lr)
+        loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((head(test_x).argmax(1) == test_y).float().mean() * 100)
+
+
+def label_efficiency(backbone: nn.Module, train: ImageDataset, test: ImageDataset, per_class=(10, 20, 50, 100, 200, 500),
+                     seeds=(0, 1, 2), mean=augment.CIFAR10_MEAN, std=augment.CIFAR10_STD, **probe) -> dict:
+    """Test top-1 (%) of a linear probe trained on N labelled images per class, for each N in
+    `per_class`: mean and std over `seeds` (each draws other images). Features of the frozen
+    backbone (eval mode, no augmentation) are extracted once and standardized with the mean and
+    std of all training images' features, which uses no labels. `probe`: `probe_on_features` settings.
+    Returns {N: {"mean", "std", "runs"}}; an N above the smallest class size uses that whole class.
+    """
+    plain = augment.eval_transform(mean, std, train.images.shape[-1])
+    backbone = backbone.to(train.device)
+    train_x = extract_features(backbone, train.images, plain)
+    test_x = extract_features(backbone, test.images, plain)
+    mu, sigma = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mu) / sigma, (test_x - mu) / sigma
+    out = {}
+    for n in per_class:
+        accs = []
+        for seed in seeds:
+            idx = per_class_indices(train.labels, train.num_classes, n, seed).to(train.device)
+            accs.append(probe_on_features(train_x[idx], train.labels[idx], test_x, test.labels, train.num_classes,
+                                          seed=seed, **probe))
+        t = torch.tensor(accs)
+        out[n] = {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0, "runs": accs}
+    return out

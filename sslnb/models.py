@@ -6,6 +6,9 @@ last stage at 4x4 instead of 1x1.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -170,3 +173,73 @@ def ema_update(target, online, momentum: float) -> None:
     torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
     for t, o in zip([b for m in targets for b in m.buffers()], [b for m in onlines for b in m.buffers()]):
         t.copy_(o)
+
+
+# -- the official VICReg ImageNet ResNet-50 (study sec. 3.4) ------------------------------------
+
+VICREG_RESNET50_URL = "https://dl.fbaipublicfiles.com/vicreg/resnet50.pth"  # the VICReg release's backbone
+
+
+def vicreg_resnet50(weights: str | os.PathLike | None = None) -> nn.Module:
+    """The VICReg authors' ImageNet ResNet-50 as a torchvision `resnet50` whose `fc` is the
+    identity: `forward` returns 2048-d features (`feature_dim`). [0] VICReg, 2022, arXiv:2105.04906
+
+    weights=None: the authors' `resnet50.pth`, downloaded once into the data folder
+    (`sslnb.data.default_root() / "vicreg"`) with `torch.hub.load_state_dict_from_url`. A path:
+    that local file (the same state dict). "random": randomly initialised weights, a stand-in
+    offline. Files load with `weights_only=True` (tensors only: nothing in them is executed;
+    `torch.hub.load` would run the downloaded repository's code, so it is never used). A
+    classifier (`fc.*`) and a `module.` prefix in the file are ignored. A missing, corrupt or
+    mismatched file raises a ValueError naming the path and what was expected.
+
+    It keeps ImageNet's stem (7x7 stride-2 conv + max-pool): upsample 32x32 CIFAR images
+    (`sslnb.augment.imagenet_transform`) before it.
+    """
+    import torchvision
+
+    net = torchvision.models.resnet50(weights=None)
+    net.fc = nn.Identity()
+    net.feature_dim = 2048
+    if isinstance(weights, str) and weights == "random":
+        return net
+    expected = "a torchvision resnet50 state dict (conv1.weight [64, 3, 7, 7] ... layer4, no fc needed), " \
+               "such as the VICReg release's resnet50.pth"
+    if weights is None:
+        from .data import default_root
+
+        folder = default_root() / "vicreg"
+        path = folder / "resnet50.pth"
+        if not path.exists():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                torch.hub.load_state_dict_from_url(VICREG_RESNET50_URL, model_dir=str(folder), map_location="cpu",
+                                                   file_name="resnet50.pth", weights_only=True)
+            except (OSError, RuntimeError) as e:  # offline (URLError is an OSError), a failed write
+                raise ValueError(f"could not download {VICREG_RESNET50_URL} to {path} ({type(e).__name__}: {e}); "
+                                 f"download it by hand and pass weights='path/to/resnet50.pth', or use "
+                                 f"weights='random' for a stand-in") from None
+    else:
+        path = Path(weights)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; expected {expected}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, unpickling refused
+        raise ValueError(f"{path} is corrupt or not a weights-only torch file ({type(e).__name__}); "
+                         f"expected {expected}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; expected {expected}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k} {list(v.shape)} (expected {list(own[k].shape)})" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if missing or unexpected or wrong:
+        problems = [f"{len(missing)} missing keys ({', '.join(missing[:3])}...)" if missing else "",
+                    f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])}...)" if unexpected else "",
+                    f"wrong shapes: {', '.join(wrong[:3])}" if wrong else ""]
+        raise ValueError(f"{path} does not match a ResNet-50: {'; '.join(p for p in problems if p)}; "
+                         f"expected {expected}")
+    net.load_state_dict(state)
+    return net

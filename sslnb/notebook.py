@@ -18,11 +18,16 @@ def setup(seed: int = 0, drive: bool = True) -> torch.device:
     """Seed everything, keep runs (and CIFAR) on Google Drive when on Colab, print the device.
 
     On Colab a disconnect loses the VM's disk; with Drive mounted, a run resumes from its last
-    checkpoint and finished runs load in seconds in a new session.
+    checkpoint and finished runs load in seconds in a new session. Mounting opens Google's
+    authorisation prompt (a pop-up asking to let this notebook access your Drive) and waits for
+    your answer; `setup(drive=False)` skips it and keeps runs on the VM's disk, which a new
+    session starts without.
     """
     if in_colab() and drive:
         from google.colab import drive as gdrive
 
+        print("mounting Google Drive for runs and data: answer Google's authorisation prompt "
+              "(or call sslnb.notebook.setup(drive=False) to keep runs on this VM's disk)")
         gdrive.mount("/content/drive")
         os.environ.setdefault("SSLNB_RUNS", "/content/drive/MyDrive/sslnb/runs")
         os.environ.setdefault("SSLNB_DATA", "/content/drive/MyDrive/sslnb/data")

@@ -43,6 +43,30 @@ def _json_normal(obj) -> dict:
     return json.loads(json.dumps(obj))  # tuples -> lists, so a config compares equal to its file
 
 
+def _comparable(config: dict) -> dict:
+    """A config as JSON, with its method options resolved against the method's defaults, so that
+    passing an option at its default value is the same config; one key per option for the diff."""
+    config = _json_normal(config)
+    kwargs = config.pop("method_kwargs", None)
+    if isinstance(kwargs, dict):
+        from .methods import METHODS, method_options
+
+        defaults = _json_normal(method_options(config["method"])) if config.get("method") in METHODS else {}
+        config.update({f"option {k}": v for k, v in {**defaults, **kwargs}.items()})
+    elif kwargs is not None:
+        config["method_kwargs"] = kwargs
+    return config
+
+
+def _check_creatable(path: Path) -> None:
+    """Raise a RunError if `path` is a file or lies under one (before anything is written)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise RunError(f"cannot use {path} as a run folder: {p} is a file; choose another --run-dir")
+            return
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file and rename: a crash leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -66,17 +90,46 @@ class Run:
     @property
     def config(self) -> dict | None:
         f = self.path / "config.json"
-        if not f.exists():
+        if not f.is_file():
             return None
         try:
-            return json.loads(f.read_text())
+            cfg = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RunError(f"{f} is not valid JSON; repair or delete it") from None
+            raise RunError(f"{f} is not valid JSON; repair it, or start the run in another folder") from None
+        if not isinstance(cfg, dict):
+            raise RunError(f"{f} holds a JSON {type(cfg).__name__}, not a run config (a JSON object of the "
+                           "run's settings, as pretrain writes it)")
+        return cfg
+
+    def require(self, *keys: str) -> dict:
+        """The config, or a RunError naming the settings it lacks."""
+        cfg = self.config
+        if cfg is None:
+            raise RunError(f"{self.path} is not a run directory (no config.json); pretrain first")
+        missing = [k for k in keys if k not in cfg]
+        if missing:
+            raise RunError(f"{self.path / 'config.json'} lacks {', '.join(missing)}; it was not written by "
+                           "`python -m sslnb pretrain` (or was edited): pretrain the run again in a new folder")
+        return cfg
 
     @property
     def history(self) -> list[dict]:
         f = self.path / "history.jsonl"
-        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+        if not f.is_file():
+            return []
+        rows = []
+        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise RunError(f"{f} line {n} is not an epoch record; every line must be one JSON object "
+                               "with an integer \"epoch\", as the training loop writes it: repair that line")
+            rows.append(row)
+        return rows
 
     @property
     def epochs_done(self) -> int:
@@ -85,30 +138,59 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        cfg = self.config
-        return cfg is not None and self.epochs_done >= cfg["epochs"] and (self.path / "backbone.pt").exists()
+        try:
+            cfg = self.config
+        except RunError:
+            return False
+        return (cfg is not None and self.epochs_done >= cfg.get("epochs", float("inf"))
+                and (self.path / "backbone.pt").exists())
+
+    @property
+    def has_finished_epoch(self) -> bool:
+        """Whether any training epoch ended here: only then does the folder hold a run worth keeping."""
+        return (self.path / "checkpoint.pt").exists() or self.epochs_done >= 1
 
     def column(self, key: str) -> tuple[list[int], list[float]]:
         """(epochs, values) of one history field, skipping epochs without it."""
         rows = [(r["epoch"], r[key]) for r in self.history if r.get(key) is not None]
         return [e for e, _ in rows], [v for _, v in rows]
 
-    def check(self, config: dict) -> None:
-        """Raise if this directory already holds a run made with another config."""
-        config, old = _json_normal(config), self.config
-        if old is not None and old != config:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
-                             if old.get(k) != config.get(k))
-            raise RunError(f"run {self.path} was made with another config ({diff}); "
-                           "choose another run name or delete that folder")
+    def check(self, config: dict) -> bool:
+        """Raise if a run cannot start here: the path is (or lies under) a file, or the folder holds a
+        finished epoch of a run made with another config. Writes nothing. Returns True when the
+        folder holds a run with this config (to resume), False when a start writes it afresh: a
+        folder where no epoch finished (a refused or failed start) never blocks a corrected one."""
+        _check_creatable(self.path)
+        try:
+            old = self.config
+        except RunError:  # an unreadable config.json: only a folder without a checkpoint may be started afresh
+            if (self.path / "checkpoint.pt").exists():
+                raise
+            return False
+        if old is None and (self.path / "checkpoint.pt").exists():  # never overwrite a run we cannot compare
+            raise RunError(f"{self.path} holds a checkpoint.pt but no config.json; restore its config.json, "
+                           "or choose another run folder")
+        if old is None:
+            return False
+        new, old = _comparable(config), _comparable(old)
+        if old == new:
+            return True
+        if not self.has_finished_epoch:
+            return False
+        diff = ", ".join(f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}"
+                         for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+        raise RunError(f"run {self.path} was made with another config ({diff}); "
+                       "choose another run folder (--run-dir, or another name), or delete that folder")
 
     def prepare(self, config: dict) -> None:
-        """Create the directory and its config.json, or check that an existing run has the same config."""
-        self.check(config)
+        """Create the directory and its config.json, or check that an existing run has the same config.
+        A folder that held another config but no finished epoch is started afresh."""
+        if self.check(config):
+            return
         self.path.mkdir(parents=True, exist_ok=True)
-        if self.config is None:
-            text = json.dumps(_json_normal(config), indent=2)
-            _atomic_write(self.path / "config.json", lambda f: f.write(text.encode()))
+        (self.path / "history.jsonl").unlink(missing_ok=True)  # an unfinished start's epoch 0, if any
+        text = json.dumps(_json_normal(config), indent=2)
+        _atomic_write(self.path / "config.json", lambda f: f.write(text.encode()))
 
     def write_history(self, records: list[dict]) -> None:
         text = "".join(json.dumps(r) + "\n" for r in records)
@@ -126,14 +208,16 @@ class Run:
         try:
             return torch.load(f, map_location=map_location, weights_only=True)
         except Exception as e:  # truncated zip, wrong format, unpickling refused...
-            raise RunError(f"checkpoint {f} is corrupt or unreadable ({type(e).__name__}); "
-                           "delete it to start over") from None
+            if name == "checkpoint.pt":
+                raise RunError(f"checkpoint {f} is corrupt or unreadable ({type(e).__name__}); delete it to start "
+                               "this run over from epoch 0") from None
+            have = ", ".join(sorted(p.name for p in self.path.glob("backbone*.pt"))) or "no backbone files yet"
+            what = "is corrupt or unreadable" if f.suffix == ".pt" else "is not a weights file"
+            raise RunError(f"{f} {what} ({type(e).__name__}); pass a backbone file of this run ({have})") from None
 
     def load_backbone(self, name: str = "backbone.pt", device="cpu") -> torch.nn.Module:
         """The backbone (a CIFAR ResNet from the run's config) with saved weights, in eval mode."""
-        cfg = self.config
-        if cfg is None:
-            raise RunError(f"{self.path} is not a run directory (no config.json)")
+        cfg = self.require("backbone", "width")
         state = self.load(name, map_location=device)
         if state is None:
             have = sorted(p.name for p in self.path.glob("backbone*.pt"))

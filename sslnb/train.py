@@ -10,6 +10,7 @@ checkpoint from which the next epoch can start in another process.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -58,17 +59,25 @@ class TrainConfig:
     seed: int = 0
 
 
-# Quick mode: seconds on a CPU, offline. Never a result, only a check that everything runs.
-QUICK = dict(dataset="digits", data_root=None, backbone="resnet18", width=8, epochs=2, batch_size=64,
-             warmup_epochs=0, snapshot_epochs=())
+# Quick mode (SPEC sec. 4): a small experiment on the bundled digits, seconds on one CPU core,
+# offline; its numbers are never results. The shared base below, then each method's own
+# `MethodSpec.quick_train` / `quick` (sslnb.methods). Chosen on digits (seeds 0, 1, 2): the
+# 8x8 digits at their own 8 px (16 or 32 px only interpolate them and cost 4x or 16x per step),
+# a crop of at least half the image (an 8% crop of an 8 px digit is two pixels), and 10 epochs
+# (~220 steps, about 1 s per epoch on one core): the untrained backbone already scores 52-57%
+# kNN at 8 px, and short runs first fall, then climb (2 epochs ended below epoch 0).
+QUICK = dict(dataset="digits", data_root=None, backbone="resnet18", width=8, image_size=8, crop_scale=(0.5, 1.0),
+             epochs=10, batch_size=64, warmup_epochs=0, snapshot_epochs=())
 
 
 def default_config(method: str, quick: bool = False, **overrides) -> TrainConfig:
-    """A method's configuration from the registry (the seeds' settings), then quick mode, then overrides."""
+    """A method's configuration, in layers: the registry's settings (the seeds'), then in quick
+    mode the shared `QUICK` and the method's own `quick_train` and `quick` method kwargs, then
+    `overrides` (None leaves a value as it is)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     spec = METHODS[method]
-    values = {**spec.train, **(QUICK if quick else {})}
+    values = {**spec.train, **({**QUICK, **spec.quick_train} if quick else {})}
     kwargs = {**(spec.quick if quick else {}), **overrides.pop("method_kwargs", {})}
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - valid)
@@ -76,6 +85,10 @@ def default_config(method: str, quick: bool = False, **overrides) -> TrainConfig
         raise ValueError(f"unknown config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(method=method, method_kwargs=kwargs, **values)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -90,11 +103,21 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}"),
         (cfg.width >= 1, f"width must be at least 1 (64 is the standard ResNet), got {cfg.width}"),
         (0 < cfg.label_fraction <= 1, f"label_fraction must be in (0, 1], got {cfg.label_fraction}"),
-        (0 <= cfg.warmup_epochs <= cfg.epochs, f"warmup_epochs must be in [0, epochs], got {cfg.warmup_epochs}"),
+        (0 <= cfg.warmup_epochs <= cfg.epochs, f"warmup_epochs (--warmup-epochs) must be in [0, epochs={cfg.epochs}], "
+                                               f"got {cfg.warmup_epochs}"),
         (cfg.knn_k >= 1 and cfg.knn_t > 0, f"knn_k must be >= 1 and knn_t > 0, got {cfg.knn_k}, {cfg.knn_t}"),
         (cfg.crop_scale is None or 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
          f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {cfg.crop_scale}"),
         (cfg.image_size >= 8, f"image_size must be at least 8, got {cfg.image_size}"),
+        # numbers a run cannot learn with are refused before anything is written (issue 8)
+        (_finite(cfg.lr) and cfg.lr > 0, f"lr must be a finite number > 0, got {cfg.lr}"),
+        (_finite(cfg.weight_decay) and cfg.weight_decay >= 0,
+         f"weight_decay must be a finite number >= 0, got {cfg.weight_decay}"),
+        (_finite(cfg.momentum) and 0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}"),
+        (_finite(cfg.final_lr) and cfg.final_lr >= 0, f"final_lr must be a finite number >= 0, got {cfg.final_lr}"),
+        (cfg.data_root is None or cfg.dataset not in ("digits",),
+         f"data_root (--data-root) does not apply to dataset {cfg.dataset!r}, which is bundled with scikit-learn; "
+         "it is the download folder of cifar10/cifar100 or the folder of an imagefolder dataset"),
     ]
     for ok, message in checks:
         if not ok:
@@ -185,7 +208,8 @@ def _plain(value):
 
 @dataclass
 class EpochEnd:
-    """What a callback sees after each epoch (and after epoch 0, the untrained model)."""
+    """What a callback sees after each epoch (and after epoch 0, the untrained model: a copy
+    whose BatchNorm statistics were measured on the data, see `untrained_as_evaluated`)."""
 
     epoch: int
     model: torch.nn.Module
@@ -194,6 +218,27 @@ class EpochEnd:
     test: ImageDataset
     transform: object  # uint8 batch -> normalized float batch, no augmentation
     device: torch.device
+
+
+def peak_memory_mb(device: torch.device, reset: bool = False) -> float | None:
+    """Memory the run holds on its device, in MiB: on CUDA the peak allocated by tensors since the
+    last reset (the loop resets it as each epoch starts), on MPS what the driver holds now (MPS
+    keeps no peak), None on a CPU. Reads allocator counters only: no wait for the device."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    """The machine a run was measured on, for its history: `NVIDIA A100-SXM4-40GB`, `mps`, `cpu (2 threads)`."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else device.type
 
 
 class NonFiniteLoss(RuntimeError):
@@ -214,6 +259,36 @@ def _evaluate(model, train: ImageDataset, test: ImageDataset, transform, cfg: Tr
     return {"knn_top1": float(knn), "embedding_std": stats["std"], "embedding_rank": stats["rank"]}
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or a notebook's interrupt) during training; the message says how to resume."""
+
+
+@torch.no_grad()
+def untrained_as_evaluated(model: torch.nn.Module, images: torch.Tensor, transform, amp_dtype=None,
+                           batch_size: int = 1024) -> torch.nn.Module:
+    """A copy of the untrained `model` whose BatchNorm running statistics are measured on `images`
+    (one pass, exact averages), in eval mode; weights untouched, `model` itself unchanged.
+
+    Every trained epoch is evaluated with running statistics gathered from the data; a fresh
+    network still has BN's initial ones (mean 0, variance 1), which make every BN layer an
+    identity and the network an unnormalised one. Epoch 0 is evaluated like the other epochs,
+    so a curve's first step shows what training did, not what measuring the statistics did
+    (on digits the initial statistics score 10-25 points higher kNN, on CIFAR-10 6 points).
+    """
+    net = copy.deepcopy(model)
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the pass, not an EMA
+        bn.num_splits = 1  # MoCo's split BN: whole-batch statistics (its eval mode is a plain BN anyway)
+    net.train()
+    device = next(net.parameters()).device
+    for start in range(0, len(images) - 1, batch_size):  # BatchNorm needs two samples: skip a last single one
+        x = transform(images[start:start + batch_size].to(device))
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            net.project(net.backbone(x))
+    return net.eval()
+
+
 def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", callbacks=(), progress: bool = True,
           until_epoch: int | None = None, data: tuple[ImageDataset, ImageDataset] | None = None) -> Run:
     """Train (or resume) the run in `run_dir` and return it.
@@ -221,13 +296,38 @@ def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", c
     `until_epoch` stops after that epoch (the schedule still spans `cfg.epochs`): a run can be
     trained in pieces. `callbacks` are called as `cb(EpochEnd)` after every epoch and may
     return a dict of extra fields for the history. `data` skips loading `(train, test)`.
+    Ctrl-C raises `Interrupted` saying where the run stopped; every checkpoint is written
+    atomically, so the last one always loads and the same call resumes from it.
     """
+    run_dir = run_dir or runs_root() / f"{cfg.method}_{cfg.dataset}"
+    try:
+        return _train(cfg, run_dir, device, callbacks, progress, until_epoch, data)
+    except KeyboardInterrupt:
+        run = Run(run_dir)
+        try:  # the checkpoint, not history.jsonl: Ctrl-C may fall between writing the two
+            done = (run.load() or {"history": [{"epoch": 0}]})["history"][-1]["epoch"]
+        except (RunError, KeyError, IndexError, TypeError):
+            done = 0
+        if done < 1:
+            raise Interrupted(f"interrupted before epoch 1 finished: nothing was saved in {run.path} yet; "
+                              "the same command (or cell) starts the run again") from None
+        raise Interrupted(f"interrupted in epoch {min(done + 1, cfg.epochs)}: the run stopped after epoch {done} of "
+                          f"{cfg.epochs} (its checkpoint is in {run.path}); the same command (or cell) resumes it"
+                          ) from None
+
+
+def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callbacks=(), progress: bool = True,
+           until_epoch: int | None = None, data: tuple[ImageDataset, ImageDataset] | None = None) -> Run:
+    """`train` without the Ctrl-C message (the arguments are `train`'s)."""
     from tqdm.auto import tqdm
 
     validate(cfg)
+    if until_epoch is not None and until_epoch < 0:
+        raise ValueError(f"until_epoch (--until-epoch) must be >= 0 (0: only the untrained epoch 0), got {until_epoch}")
     run = Run(run_dir or runs_root() / f"{cfg.method}_{cfg.dataset}")
     run.check(dataclasses.asdict(cfg))
     if run.finished:
+        print(f"{run.path} is already finished ({run.epochs_done} epochs): nothing to train")
         return run
     device = pick_device(device) if not isinstance(device, torch.device) else device
     amp_dtype = pick_precision(device)
@@ -236,6 +336,11 @@ def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", c
 
     # data on the device; the supervised baseline may see only a fraction of the labels
     train_ds, test_ds = data or load_dataset(cfg.dataset, cfg.data_root, cfg.image_size)
+    n_fit = (len(labelled_subset(train_ds, fraction=cfg.label_fraction, seed=cfg.seed)) if cfg.label_fraction < 1
+             else len(train_ds))
+    if cfg.batch_size > n_fit:  # checked before writing, like everything that can be
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n_fit} images); "
+                         f"valid: 2 to {n_fit}")
     run.prepare(dataclasses.asdict(cfg))  # only now: a dataset that fails to load leaves no run behind
     mean, std = train_ds.mean_std()
     bank_ds = train_ds.to(device)
@@ -257,8 +362,8 @@ def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", c
     steps = len(fit_ds) // cfg.batch_size
     total_steps, warmup_steps = cfg.epochs * steps, cfg.warmup_epochs * steps
 
-    def end_of_epoch(epoch: int, record: dict) -> dict:
-        ctx = EpochEnd(epoch, model, record, bank_ds, test_ds, plain, device)
+    def end_of_epoch(epoch: int, record: dict, evaluated: torch.nn.Module = model) -> dict:
+        ctx = EpochEnd(epoch, evaluated, record, bank_ds, test_ds, plain, device)
         for cb in callbacks:
             record.update(_plain(cb(ctx) or {}))
         return record
@@ -266,6 +371,7 @@ def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", c
     # resume, or start with epoch 0: the untrained backbone
     ckpt = run.load(map_location="cpu")  # RNG states must stay CPU tensors; weights are copied to the device
     if ckpt is not None:
+        print(f"resuming {run.path} after epoch {ckpt['history'][-1]['epoch']} of {cfg.epochs}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and ckpt["scaler"]:  # absent when the run began without fp16
@@ -273,12 +379,19 @@ def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", c
         history = ckpt["history"]
         _set_rng_states(ckpt["rng"], gen, device, cfg.seed, history[-1]["epoch"])
     else:
-        history = [end_of_epoch(0, {"epoch": 0, "lr": 0.0, **_evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)})]
+        # epoch 0: the untrained network, its BN statistics measured on the data like every later epoch's;
+        # `knn_top1_init_bn` keeps the score with BN's initial statistics (an unnormalised random network)
+        untrained = untrained_as_evaluated(model, bank_ds.images, plain, amp_dtype)
+        record = {"epoch": 0, "lr": 0.0, **_evaluate(untrained, bank_ds, test_ds, plain, cfg, amp_dtype),
+                  "knn_top1_init_bn": _evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)["knn_top1"]}
+        history = [end_of_epoch(0, record, untrained)]
+        del untrained
         run.write_history(history)
     start = history[-1]["epoch"] + 1
     last = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
 
     for epoch in range(start, last + 1):
+        peak_memory_mb(device, reset=True)  # each epoch's record holds its own peak
         model.train()
         sums: dict[str, torch.Tensor] = {}
         tic, shown = time.perf_counter(), 0.0
@@ -305,13 +418,16 @@ def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", c
         means = {k: float(v / steps) for k, v in sums.items()}  # one sync per epoch
         seconds = time.perf_counter() - tic
         if not math.isfinite(means["loss"]):
+            kept = (f"keeps its last good checkpoint (epoch {epoch - 1}) in {run.path}"
+                    if (run.path / "checkpoint.pt").exists() else
+                    f"no epoch finished, so no checkpoint was written (a corrected command may reuse {run.path})")
             raise NonFiniteLoss(f"{cfg.method}: the loss became {means['loss']} in epoch {epoch}; the run stops and "
-                                f"keeps its last good checkpoint (epoch {epoch - 1}) in {run.path}. Lower the lr or "
-                                "check the data.")
+                                f"{kept}; lower the lr (it was {base_lr:g}) or check the data")
         tic_eval = time.perf_counter()
         record = {"epoch": epoch, **means, "lr": lr, **_evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)}
         record.update(epoch_time=seconds, images_per_s=steps * cfg.batch_size / seconds,
-                      eval_time=time.perf_counter() - tic_eval)
+                      eval_time=time.perf_counter() - tic_eval,
+                      peak_memory_mb=peak_memory_mb(device), device_name=device_name(device))  # measured cost
         history.append(end_of_epoch(epoch, record))
 
         # snapshots first, then the checkpoint that says they exist
@@ -332,14 +448,11 @@ def load_or_train(cfg: TrainConfig, name: str | None = None, root=None, quick: b
     otherwise train. A run with a different config under the same name is refused."""
     path = Path(root or runs_root(quick)) / (name or f"{cfg.method}_{cfg.dataset}")
     run = Run(path)
-    if run.config is not None:
-        run.check(dataclasses.asdict(cfg))  # raises if the config differs
-        if run.finished:
-            print(f"loaded the finished run {path} ({run.epochs_done} epochs)")
-            return run
-        print(f"resuming {path} after epoch {run.epochs_done}")
-    return train(cfg, path, **kwargs)
+    if run.config is not None and run.check(dataclasses.asdict(cfg)) and run.finished:  # raises if it differs
+        print(f"loaded the finished run {path} ({run.epochs_done} epochs)")
+        return run
+    return train(cfg, path, **kwargs)  # says when it resumes
 
 
 __all__ = ["TrainConfig", "default_config", "validate", "train", "load_or_train", "pick_device", "pick_precision",
-           "seed_everything", "EpochEnd", "NonFiniteLoss", "RunError"]
+           "seed_everything", "EpochEnd", "NonFiniteLoss", "Interrupted", "RunError"]

@@ -36,6 +36,11 @@ def test_a_simclr_epoch_is_about_333_tflop_and_time_follows_the_assumed_throughp
     assert longer["gpus"]["Colab T4"]["hours_total"] == pytest.approx(2 * t4["hours_total"])
 
 
+def test_moco_at_8_pixels_has_two_images_per_batchnorm_group():
+    cfg = default_config("moco", width=8, image_size=8)  # 1x1 feature maps in the last block
+    assert budget.estimate(cfg)["train_tflop_per_epoch"] > 0
+
+
 def test_directpred_falls_back_to_real_tensors_and_the_table_says_estimate(capsys):
     cfg = default_config("directpred", width=8, image_size=16)
     budget.show(cfg)

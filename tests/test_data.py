@@ -9,7 +9,7 @@ from sslnb.data import ImageDataset, iterate_batches, labelled_subset, load_data
 def test_digits_is_offline_rgb_32px_and_stratified(digits):
     train, test = digits
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 32, 32)
-    assert len(train) + len(test) == 1797 and len(test) == pytest.approx(360, abs=5)
+    assert (len(train), len(test)) == (1438, 359)  # as the README and the docstring say
     assert train.labels.dtype == torch.int64 and train.classes == [str(i) for i in range(10)]
     assert torch.equal(train.images[:, 0], train.images[:, 2])  # gray digits in three channels
     frac = test.labels.bincount() / (train.labels.bincount() + test.labels.bincount())
@@ -47,7 +47,7 @@ def test_bad_datasets_are_clear_errors(tmp_path):
         load_dataset("imagefolder", tmp_path)
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "test").mkdir()
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(ValueError, match="holds no images"), pytest.warns(UserWarning, match="train/a .* is empty"):
         load_dataset("imagefolder", tmp_path)
     with pytest.raises(ValueError, match="could not be downloaded"):
         load_dataset("cifar10", tmp_path / "nothing", download=False)
@@ -85,3 +85,22 @@ def test_batches_cover_an_epoch_once_and_follow_the_generator():
     assert in_order.tolist() == list(range(10))
     with pytest.raises(ValueError, match="larger than the dataset"):
         next(iterate_batches(ds, 11))
+
+
+def test_even_batches_cover_every_image_once_in_near_equal_batches():
+    from sslnb.data import even_batch_size, even_batches
+
+    ds = ImageDataset(torch.zeros(1438, 3, 2, 2, dtype=torch.uint8), torch.arange(1438), ["a"])
+    sizes = [len(y) for _, y in even_batches(ds, 512, generator=torch.Generator().manual_seed(0))]
+    assert sizes == [480, 479, 479] and even_batch_size(1438, 512) == 480  # drop_last would lose 414
+    seen = torch.cat([y for _, y in even_batches(ds, 100)])
+    assert sorted(seen.tolist()) == list(range(1438))
+    assert even_batch_size(144, 512) == 144
+    assert [len(y) for _, y in even_batches(ds.subset(torch.arange(5)), 4)] == [3, 2]
+
+
+def test_a_constant_channel_normalizes_without_dividing_by_zero():
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    images[:, 0] = torch.arange(4, dtype=torch.uint8).view(4, 1, 1) * 60
+    mean, std = ImageDataset(images, torch.zeros(4), ["a"]).mean_std()
+    assert std[1] == std[2] == pytest.approx(1 / 255) and std[0] > 0.1

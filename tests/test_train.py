@@ -20,7 +20,7 @@ TIMING = {"epoch_time", "images_per_s", "eval_time"}
 
 
 def tiny(method="simclr", **kw):
-    base = dict(dataset="digits", width=4, epochs=3, batch_size=64, knn_k=20, seed=0)
+    base = dict(dataset="digits", image_size=32, width=4, epochs=3, batch_size=64, knn_k=20, seed=0)
     return T.default_config(method, quick=True, **{**base, **kw})
 
 
@@ -219,7 +219,7 @@ def test_bad_configs_are_clear_errors(tmp_path):
     moco = dataclasses.replace(tiny("moco"), batch_size=60)  # not a multiple of 8 split-BN groups
     with pytest.raises(ValueError, match="batch_size 60 must be a multiple of bn_splits=8"):
         T.train(moco, tmp_path / "r", progress=False)
-    with pytest.raises(ValueError, match="queue_size 256 must be a multiple of 2 x batch_size"):
+    with pytest.raises(ValueError, match=r"queue_size 256 must be a multiple of the keys enqueued per step \(192 = 2 x batch_size\)"):
         T.train(dataclasses.replace(tiny("moco"), batch_size=96), tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="unknown config field.*epoch\\b"):
