@@ -289,3 +289,16 @@ def test_accuracy_by_size_plots_one_line_per_dataset():
     assert list(line.get_xdata()) == [64, 128, 224] and list(line.get_ydata()) == [70.0, 78.0, 80.0]
     assert ax.lines[1].get_label() == "study (CIFAR-10): 84.67%"
     plt.close("all")
+
+
+def test_the_study_runs_have_its_settings_and_quick_stand_ins():
+    from sslnb import study
+
+    full = study.configs()
+    assert [c.dataset for c in full.values()] == ["cifar10", "cifar100"]
+    for c in full.values():  # sec. 3.2.1 and 3.3: ResNet-34, batch 128, 100 epochs, probed after 50 and 100
+        assert (c.backbone, c.batch_size, c.epochs, tuple(c.snapshot_epochs), c.optimizer) == \
+            ("resnet34", 128, 100, (50, 100), "lars")
+    quick = study.configs(quick=True)
+    assert [(c.dataset, c.seed) for c in quick.values()] == [("digits", 0), ("digits", 1)]
+    assert all("quick mode" in label for label in study.labels(quick=True).values())
