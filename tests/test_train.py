@@ -16,7 +16,7 @@ from sslnb.methods import METHODS, MoCo
 from sslnb.optim import warmup_cosine
 from sslnb.runs import Run, RunError
 
-TIMING = {"epoch_time", "images_per_s", "eval_time"}
+TIMING = {"epoch_time", "images_per_s", "eval_time", "peak_memory_mb"}  # measurements, not results: may differ on resume
 
 
 def tiny(method="simclr", **kw):
