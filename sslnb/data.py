@@ -191,6 +191,12 @@ def _check_classes(root: Path, train: dict, test: dict) -> list[str]:
 def labelled_subset(ds: ImageDataset, fraction: float | None = None, per_class: int | None = None,
                     seed: int = 0) -> ImageDataset:
     """A stratified, seeded subset: `fraction` of each class (e.g. 0.1) or `per_class` images."""
+    return ds.subset(labelled_indices(ds.labels, ds.num_classes, fraction, per_class, seed))
+
+
+def labelled_indices(labels: torch.Tensor, num_classes: int, fraction: float | None = None,
+                     per_class: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The sorted indices `labelled_subset` keeps (also for features cached in the same order)."""
     if (fraction is None) == (per_class is None):
         raise ValueError("give exactly one of fraction (0 < f <= 1) or per_class (an int >= 1)")
     if fraction is not None and not 0 < fraction <= 1:
@@ -198,13 +204,13 @@ def labelled_subset(ds: ImageDataset, fraction: float | None = None, per_class: 
     if per_class is not None and per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     g = torch.Generator().manual_seed(seed)
-    labels = ds.labels.cpu()
+    labels = labels.cpu()
     keep = []
-    for c in range(ds.num_classes):
+    for c in range(num_classes):
         idx = (labels == c).nonzero().squeeze(1)
         n = max(1, round(len(idx) * fraction)) if fraction is not None else per_class
         keep.append(idx[torch.randperm(len(idx), generator=g)[: min(n, len(idx))]])
-    return ds.subset(torch.cat(keep).sort().values)
+    return torch.cat(keep).sort().values
 
 
 def iterate_batches(ds: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = True,

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import augment
-from .data import ImageDataset, even_batch_size, even_batches, iterate_batches, labelled_subset
+from .data import ImageDataset, even_batch_size, even_batches, iterate_batches, labelled_indices, labelled_subset
 from .optim import warmup_cosine
 
 KNN_K, KNN_T = 200, 0.1  # thesis sec. 4.5: the same for every experiment
@@ -206,18 +206,6 @@ def load_or_evaluate(run, settings: dict, compute) -> dict:
     return stored[key]
 
 
-def per_class_indices(labels: torch.Tensor, num_classes: int, per_class: int, seed: int = 0) -> torch.Tensor:
-    """Indices of `per_class` images of every class: the images `data.labelled_subset(per_class=...)`
-    keeps with the same seed (same draw), so a probe on cached features sees the same labels."""
-    g = torch.Generator().manual_seed(seed)
-    labels = labels.cpu()
-    keep = []
-    for c in range(num_classes):
-        idx = (labels == c).nonzero().squeeze(1)
-        keep.append(idx[torch.randperm(len(idx), generator=g)[: min(per_class, len(idx))]])
-    return torch.cat(keep).sort().values
-
-
 def probe_on_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                       num_classes: int, steps: int = 300, lr: float = 0.3, momentum: float = 0.9,
                       weight_decay: float = 0.0, batch_size: int = 1024, seed: int = 0) -> float:
@@ -268,7 +256,7 @@ def label_efficiency(backbone: nn.Module, train: ImageDataset, test: ImageDatase
     for n in per_class:
         accs = []
         for seed in seeds:
-            idx = per_class_indices(train.labels, train.num_classes, n, seed).to(train.device)
+            idx = labelled_indices(train.labels, train.num_classes, per_class=n, seed=seed).to(train.device)
             accs.append(probe_on_features(train_x[idx], train.labels[idx], test_x, test.labels, train.num_classes,
                                           seed=seed, **probe))
         t = torch.tensor(accs)

@@ -120,13 +120,16 @@ def test_load_or_evaluate_computes_once_per_settings(tmp_path):
     assert len(json.loads((tmp_path / "evaluations.json").read_text())) == 2
 
 
-def test_per_class_indices_are_labelled_subsets_images(digits):
+def test_labelled_indices_are_labelled_subsets_images(digits):
+    from sslnb.data import labelled_indices
+
     train, _ = digits
     for n, seed in ((1, 0), (10, 3), (500, 1)):
-        idx = evaluate.per_class_indices(train.labels, train.num_classes, n, seed)
+        idx = labelled_indices(train.labels, train.num_classes, per_class=n, seed=seed)
         sub = labelled_subset(train, per_class=n, seed=seed)
         assert torch.equal(train.images[idx], sub.images) and torch.equal(train.labels[idx], sub.labels)
-    counts = torch.bincount(train.labels[evaluate.per_class_indices(train.labels, 10, 7, 0)])
+        assert torch.equal(idx, idx.unique())  # sorted, no image twice
+    counts = torch.bincount(train.labels[labelled_indices(train.labels, 10, per_class=7)])
     assert counts.tolist() == [7] * 10
 
 
