@@ -215,28 +215,49 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> int:
-    """Run one command; stdout gets only its JSON result, every message goes to stderr."""
+    """Run one command; stdout gets only its JSON result, every message goes to stderr. Under
+    torchrun every process runs this; rank 0 prints the result, each names itself in messages."""
     args = _parser().parse_args(argv)
+    from .distributed import ProcessLost, ignore_sigterm, launched
     from .runs import RunError
     from .train import NonFiniteLoss
 
-    prog = f"python -m sslnb {args.command}"
+    ctx = launched()
+    prog = f"python -m sslnb {args.command}" + (f" (process {ctx.rank} of {ctx.world_size})" if ctx.distributed else "")
     stdout, show = sys.stdout, warnings.showwarning
     warnings.showwarning = lambda message, *a, **k: print(f"{prog}: warning: {message}", file=sys.stderr)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # "resuming ...", progress notes: not the JSON
             out = pretrain(args) if args.command == "pretrain" else evaluate(args)
-    except (ValueError, RunError, OSError, NonFiniteLoss) as e:  # OSError: an unwritable folder, a full disk...
+    except (ValueError, RunError, OSError, NonFiniteLoss, ProcessLost) as e:  # OSError: a full disk...
+        ignore_sigterm()  # under torchrun: say why, then go; the SIGTERM that follows changes nothing
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C: where the run stopped and how to resume, in one line
+        ignore_sigterm()
         print(f"{prog}: {' '.join(str(e).split()) or 'interrupted; the same command starts again'}", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = show
-    print(json.dumps(out), file=stdout)
+    if ctx.main:
+        print(json.dumps(out), file=stdout)
     return 0
 
 
+def _exit(status: int) -> None:
+    """Exit; a process of a torchrun launch leaves the process group and skips the interpreter's
+    teardown, where gloo's threads may still hold tensors whose destructors need the GIL (about
+    one exit in 30 aborted there with SIGABRT; pytorch/pytorch#179291): its work is on disk."""
+    from .distributed import finish, launched
+
+    if launched().distributed:
+        with contextlib.suppress(Exception):
+            finish()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

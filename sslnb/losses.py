@@ -29,12 +29,29 @@ def _fp32(loss):
     return wrapper
 
 
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward hands each process the gradient of its own rows, summed over
+    every process (each computed the loss on the whole global batch). With DDP averaging the
+    parameter gradients over the N processes, the update is one process's on the global batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # [N * n, ...], rank order
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process's gradient for every row, summed
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every process, keeping gradients; `x` itself in one process."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(x), dim=0)
+        return _AllGather.apply(x)
     return x
 
 

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Annotated, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import losses
+from . import distributed, losses
 from .models import SplitBatchNorm2d, ema_update, mlp, resnet
 
 # -- what each method option accepts -----------------------------------------------------------
@@ -107,6 +108,9 @@ class Method(nn.Module):
     """Base class: a CIFAR ResNet backbone plus whatever the method puts on top."""
 
     num_views = 2  # augmented views per image the loop must produce
+    # Under torchrun: batch norm over the global batch (SyncBatchNorm on CUDA), as the papers train
+    # with it (SimCLR's global BN, BYOL, SimSiam, Barlow Twins, VICReg); sslnb.distributed.
+    sync_batchnorm = True
 
     def __init__(self, backbone: str = "resnet18", width: int = 64, norm=nn.BatchNorm2d):
         super().__init__()
@@ -184,6 +188,8 @@ class MoCo(Method):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))  # [K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    sync_batchnorm = False  # per-process BN is MoCo's design: statistics must not mix queries with their keys
+
     @classmethod
     def check_batch(cls, batch_size, options):
         opts = {**method_options("moco"), **options}
@@ -196,9 +202,24 @@ class MoCo(Method):
 
     @torch.no_grad()
     def keys(self, x):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return self._keys_shuffled_across_processes(x)
         perm = torch.randperm(len(x), device=x.device)  # shuffle-BN emulation
         k = self.key_projector(self.key_backbone(x[perm]))
         return F.normalize(k[torch.argsort(perm)], dim=1)
+
+    @torch.no_grad()
+    def _keys_shuffled_across_processes(self, x):
+        """MoCo's own shuffling BN (sec. 3.3): the global key batch is permuted, each process
+        encodes its share of it, and the keys go back to the process that owns their query."""
+        rank, world, n = dist.get_rank(), dist.get_world_size(), len(x)
+        x_all = losses.gather(x)  # [world * n, C, H, W]
+        perm = torch.randperm(len(x_all), device=x.device)
+        dist.broadcast(perm, src=0)  # one permutation for everybody: rank 0's
+        k_shuffled = losses.gather(self.key_projector(self.key_backbone(x_all[perm.view(world, n)[rank]])))
+        k_all = torch.empty_like(k_shuffled)
+        k_all[perm] = k_shuffled  # unshuffle: the j-th key encoded belongs to image perm[j]
+        return F.normalize(k_all[rank * n:(rank + 1) * n], dim=1)
 
     def forward(self, x1, x2, labels=None):
         self._check_views(x1, x2)
@@ -208,18 +229,18 @@ class MoCo(Method):
         q1 = self.projector(self.backbone(x1))
         if not self.symmetric:
             k2 = self.keys(x2)
-            loss, keys = losses.info_nce(q1, k2, queue, self.temperature), k2
+            loss, keys = losses.info_nce(q1, k2, queue, self.temperature), (k2,)
         else:
             q2, k1, k2 = self.projector(self.backbone(x2)), self.keys(x1), self.keys(x2)
             loss = 0.5 * (losses.info_nce(q1, k2, queue, self.temperature) + losses.info_nce(q2, k1, queue, self.temperature))
-            keys = torch.cat([k1, k2])
+            keys = (k1, k2)
         if self.training:
-            self._enqueue(keys)
+            self._enqueue(*keys)
         return {"loss": loss}
 
     @torch.no_grad()
-    def _enqueue(self, k):
-        k = losses.gather(k)
+    def _enqueue(self, *keys):
+        k = torch.cat([losses.gather(k) for k in keys])  # every process's keys, view by view
         size = self.queue.shape[0]
         if size % len(k):
             raise ValueError(f"MoCo: queue_size {size} must be a multiple of the keys enqueued per step ({len(k)})")
@@ -321,6 +342,7 @@ class DirectPred(BYOL):
         with torch.autocast(device_type=z1.device.type, enabled=False):
             z1, z2 = z1.float(), z2.float()
             corr = 0.5 * (z1.T @ z1 / len(z1) + z2.T @ z2 / len(z2))  # [D, D], not centred
+            corr = distributed.mean_over_processes(corr)  # the global batch's, under torchrun
             rho = self.f_momentum
             self.F.copy_(torch.where(self.F_initialized, rho * self.F + (1 - rho) * corr, corr))
             self.F_initialized.fill_(True)
@@ -427,6 +449,7 @@ class Supervised(Method):
     (thesis table 4.2: ResNet-18, 200 epochs, 92.34%)."""
 
     num_views = 1
+    sync_batchnorm = False  # a classifier trains well with per-process BN (torchvision's recipes)
 
     def __init__(self, backbone="resnet18", width=64, num_classes=10):
         super().__init__(backbone, width)

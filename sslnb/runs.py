@@ -47,6 +47,7 @@ def _comparable(config: dict) -> dict:
     """A config as JSON, with its method options resolved against the method's defaults, so that
     passing an option at its default value is the same config; one key per option for the diff."""
     config = _json_normal(config)
+    config.pop("world_size", None)  # how many processes ran it: checked by the loop, not part of what it is
     kwargs = config.pop("method_kwargs", None)
     if isinstance(kwargs, dict):
         from .methods import METHODS, method_options
@@ -184,8 +185,10 @@ class Run:
 
     def prepare(self, config: dict) -> None:
         """Create the directory and its config.json, or check that an existing run has the same config.
-        A folder that held another config but no finished epoch is started afresh."""
-        if self.check(config):
+        A folder that held another config but no finished epoch is started afresh, as is one whose
+        unfinished start ran with another number of processes (`world_size`)."""
+        if self.check(config) and (self.has_finished_epoch or
+                                   self.config.get("world_size", 1) == config.get("world_size", 1)):
             return
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "history.jsonl").unlink(missing_ok=True)  # an unfinished start's epoch 0, if any

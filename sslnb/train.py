@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import augment
+from . import augment, distributed
 from .analysis import collapse_stats
 from .data import DATASETS, ImageDataset, iterate_batches, labelled_subset, load_dataset
 from .evaluate import KNN_K, KNN_T, extract_features, knn_accuracy
@@ -165,6 +165,20 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def train_step(model, optimizer, scaler, views, labels, amp_dtype, forward=None) -> dict:
+    """One optimizer step on a batch's views; returns the loss terms (tensors, not synced).
+    `forward` is what runs the batch (DistributedDataParallel's wrapper under torchrun), `model`
+    the method itself, whose `after_step` moves its momentum encoders."""
+    with torch.autocast(views[0].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        terms = (forward or model)(*views, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    model.after_step()
+    return terms
+
+
 def _rng_states(gen: torch.Generator, device: torch.device) -> dict:
     states = {"device": device.type, "generator": gen.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -303,17 +317,28 @@ def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", c
     try:
         return _train(cfg, run_dir, device, callbacks, progress, until_epoch, data)
     except KeyboardInterrupt:
-        run = Run(run_dir)
-        try:  # the checkpoint, not history.jsonl: Ctrl-C may fall between writing the two
-            done = (run.load() or {"history": [{"epoch": 0}]})["history"][-1]["epoch"]
-        except (RunError, KeyError, IndexError, TypeError):
-            done = 0
-        if done < 1:
-            raise Interrupted(f"interrupted before epoch 1 finished: nothing was saved in {run.path} yet; "
-                              "the same command (or cell) starts the run again") from None
-        raise Interrupted(f"interrupted in epoch {min(done + 1, cfg.epochs)}: the run stopped after epoch {done} of "
-                          f"{cfg.epochs} (its checkpoint is in {run.path}); the same command (or cell) resumes it"
-                          ) from None
+        raise Interrupted(f"interrupted {_where_stopped(Run(run_dir), cfg, 'the same command (or cell)')}") from None
+    except RuntimeError as e:  # under torchrun: another process ended, and a collective failed or torchrun stopped us
+        if not (isinstance(e, distributed.ProcessLost) or
+                distributed.launched().distributed and distributed.is_collective_failure(e)):
+            raise
+        distributed.ignore_sigterm()  # torchrun's SIGTERM follows: it must not cut the message short
+        why = str(e) if isinstance(e, distributed.ProcessLost) else \
+            f"another process of the run ended ({distributed.short_reason(e)})"
+        raise distributed.ProcessLost(f"{why}; {_where_stopped(Run(run_dir), cfg, 'the same torchrun command')}"
+                                      ) from None
+
+
+def _where_stopped(run: Run, cfg: TrainConfig, resume: str) -> str:
+    """Where a stopped run can resume from, for a one-line message."""
+    try:  # the checkpoint, not history.jsonl: a stop may fall between writing the two
+        done = (run.load() or {"history": [{"epoch": 0}]})["history"][-1]["epoch"]
+    except (RunError, KeyError, IndexError, TypeError):
+        done = 0
+    if done < 1:
+        return f"before epoch 1 finished: nothing was saved in {run.path} yet; {resume} starts the run again"
+    return (f"in epoch {min(done + 1, cfg.epochs)}: the run stopped after epoch {done} of {cfg.epochs} (its "
+            f"checkpoint is in {run.path}); {resume} resumes it")
 
 
 def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callbacks=(), progress: bool = True,
@@ -324,15 +349,23 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
     validate(cfg)
     if until_epoch is not None and until_epoch < 0:
         raise ValueError(f"until_epoch (--until-epoch) must be >= 0 (0: only the untrained epoch 0), got {until_epoch}")
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    ctx = distributed.launched()  # several processes only under torchrun (sslnb.distributed)
+    device = distributed.process_device(device, ctx)
+    world, local_batch = ctx.world_size, cfg.batch_size // ctx.world_size  # batch_size is the global batch
+    if ctx.distributed:
+        _check_distributed_batch(cfg, world)
     run = Run(run_dir or runs_root() / f"{cfg.method}_{cfg.dataset}")
     run.check(dataclasses.asdict(cfg))
     if run.finished:
-        print(f"{run.path} is already finished ({run.epochs_done} epochs): nothing to train")
+        if ctx.main:
+            print(f"{run.path} is already finished ({run.epochs_done} epochs): nothing to train")
         return run
-    device = pick_device(device) if not isinstance(device, torch.device) else device
+    ctx = distributed.process_context(device)  # joins torchrun's process group; touches nothing in one process
+    progress, callbacks = progress and ctx.main, callbacks if ctx.main else ()  # rank 0 talks and evaluates
     amp_dtype = pick_precision(device)
     channels_last = device.type == "cuda"
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same in every process: the same initial model
 
     # data on the device; the supervised baseline may see only a fraction of the labels
     train_ds, test_ds = data or load_dataset(cfg.dataset, cfg.data_root, cfg.image_size)
@@ -341,13 +374,24 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
     if cfg.batch_size > n_fit:  # checked before writing, like everything that can be
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n_fit} images); "
                          f"valid: 2 to {n_fit}")
-    run.prepare(dataclasses.asdict(cfg))  # only now: a dataset that fails to load leaves no run behind
+    if ctx.main:
+        run.prepare({**dataclasses.asdict(cfg), "world_size": world})  # only now: a failed load leaves no run
+    distributed.barrier(ctx)
     mean, std = train_ds.mean_std()
-    bank_ds = train_ds.to(device)
-    fit_ds = labelled_subset(bank_ds, fraction=cfg.label_fraction, seed=cfg.seed) if cfg.label_fraction < 1 else bank_ds
-    test_ds = test_ds.to(device)
-    if cfg.batch_size > len(fit_ds):
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(fit_ds)} images)")
+    if ctx.distributed:  # each process trains on its shard; rank 0 alone keeps the whole set for the kNN bank
+        fit_ds = labelled_subset(train_ds, fraction=cfg.label_fraction, seed=cfg.seed) if cfg.label_fraction < 1 \
+            else train_ds
+        fit_ds = fit_ds.subset(torch.arange(ctx.rank, len(fit_ds) // world * world, world)).to(device)
+        bank_ds, test_ds = (train_ds.to(device), test_ds.to(device)) if ctx.main else (None, None)
+        if ctx.main:
+            print(f"{world} processes x {local_batch} images = a global batch of {cfg.batch_size} "
+                  f"(lr {cfg.lr:g}{' x batch/256' if cfg.lr_batch_scaling else ''} is the global batch's); "
+                  f"{len(fit_ds)} training images per process")
+    else:
+        bank_ds = train_ds.to(device)
+        fit_ds = labelled_subset(bank_ds, fraction=cfg.label_fraction, seed=cfg.seed) if cfg.label_fraction < 1 \
+            else bank_ds
+        test_ds = test_ds.to(device)
     views = augment.train_views(cfg.method, mean, std, cfg.image_size, cfg.crop_scale)
     plain = augment.eval_transform(mean, std, cfg.image_size)
 
@@ -358,35 +402,48 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
     fp16 = amp_dtype == torch.float16  # a loss scaler, and optimizers that take its inf check on the device
     optimizer = build_optimizer(model.parameter_groups(), cfg.optimizer, base_lr, cfg.momentum, cfg.weight_decay, fused=fp16)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    gen = torch.Generator(device).manual_seed(cfg.seed)  # batch order and augmentations
-    steps = len(fit_ds) // cfg.batch_size
+    # batch order and augmentations: the run's seed in one process; its own stream in each of several
+    gen = torch.Generator(device).manual_seed(distributed.rank_seed(cfg.seed, ctx.rank))
+    steps = len(fit_ds) // local_batch  # every shard has the same size, so every process the same steps
     total_steps, warmup_steps = cfg.epochs * steps, cfg.warmup_epochs * steps
 
     def end_of_epoch(epoch: int, record: dict, evaluated: torch.nn.Module = model) -> dict:
-        ctx = EpochEnd(epoch, evaluated, record, bank_ds, test_ds, plain, device)
+        ctx_ = EpochEnd(epoch, evaluated, record, bank_ds, test_ds, plain, device)
         for cb in callbacks:
-            record.update(_plain(cb(ctx) or {}))
+            record.update(_plain(cb(ctx_) or {}))
         return record
 
     # resume, or start with epoch 0: the untrained backbone
     ckpt = run.load(map_location="cpu")  # RNG states must stay CPU tensors; weights are copied to the device
     if ckpt is not None:
-        print(f"resuming {run.path} after epoch {ckpt['history'][-1]['epoch']} of {cfg.epochs}")
+        saved_world = (run.config or {}).get("world_size", 1)
+        if saved_world != world:
+            raise RunError(f"{run.path} was trained by {saved_world} process(es) and this launch has {world}: "
+                           f"resume it with {saved_world} (each process's random streams and batch-norm statistics "
+                           f"belong to the run), or start a new run folder")
+        if ctx.main:
+            print(f"resuming {run.path} after epoch {ckpt['history'][-1]['epoch']} of {cfg.epochs}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and ckpt["scaler"]:  # absent when the run began without fp16
             scaler.load_state_dict(ckpt["scaler"])
         history = ckpt["history"]
-        _set_rng_states(ckpt["rng"], gen, device, cfg.seed, history[-1]["epoch"])
+        rng = ckpt["rng_ranks"][ctx.rank] if ctx.distributed else ckpt["rng"]
+        _set_rng_states(rng, gen, device, distributed.rank_seed(cfg.seed, ctx.rank), history[-1]["epoch"])
     else:
-        # epoch 0: the untrained network, its BN statistics measured on the data like every later epoch's;
-        # `knn_top1_init_bn` keeps the score with BN's initial statistics (an unnormalised random network)
-        untrained = untrained_as_evaluated(model, bank_ds.images, plain, amp_dtype)
-        record = {"epoch": 0, "lr": 0.0, **_evaluate(untrained, bank_ds, test_ds, plain, cfg, amp_dtype),
-                  "knn_top1_init_bn": _evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)["knn_top1"]}
-        history = [end_of_epoch(0, record, untrained)]
-        del untrained
-        run.write_history(history)
+        history = [{"epoch": 0}]
+        if ctx.main:
+            # epoch 0: the untrained network, its BN statistics measured on the data like every later epoch's;
+            # `knn_top1_init_bn` keeps the score with BN's initial statistics (an unnormalised random network)
+            untrained = untrained_as_evaluated(model, bank_ds.images, plain, amp_dtype)
+            record = {"epoch": 0, "lr": 0.0, **_evaluate(untrained, bank_ds, test_ds, plain, cfg, amp_dtype),
+                      "knn_top1_init_bn": _evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)["knn_top1"]}
+            history = [end_of_epoch(0, record, untrained)]
+            del untrained
+            run.write_history(history)
+    forward = model
+    if ctx.distributed:  # after epoch 0 was evaluated by rank 0 alone: a synchronised BN there would wait for the rest
+        forward = distributed.wrap(model, device, METHODS[cfg.method].cls.sync_batchnorm)
     start = history[-1]["epoch"] + 1
     last = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
 
@@ -395,26 +452,22 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
         model.train()
         sums: dict[str, torch.Tensor] = {}
         tic, shown = time.perf_counter(), 0.0
-        bar = tqdm(iterate_batches(fit_ds, cfg.batch_size, generator=gen), total=steps,
+        bar = tqdm(iterate_batches(fit_ds, local_batch, generator=gen), total=steps,
                    desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for i, (images, labels) in enumerate(bar):
             lr = set_lr(optimizer, (epoch - 1) * steps + i, total_steps, warmup_steps, base_lr, cfg.final_lr)
             x = views(images, generator=gen)
             if channels_last:
                 x = [v.contiguous(memory_format=torch.channels_last) for v in x]
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                terms = model(*x, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            model.after_step()
+            terms = train_step(model, optimizer, scaler, x, labels, amp_dtype, forward)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
             if progress and time.perf_counter() - shown > 0.5:  # the only host sync in an epoch
                 bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.4g}")
                 shown = time.perf_counter()
         bar.close()
+        if ctx.distributed:  # the mean over every process's batches: what one process on the global batch reports
+            sums = {k: distributed.mean_over_processes(v) for k, v in sums.items()}
         means = {k: float(v / steps) for k, v in sums.items()}  # one sync per epoch
         seconds = time.perf_counter() - tic
         if not math.isfinite(means["loss"]):
@@ -423,24 +476,50 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
                     f"no epoch finished, so no checkpoint was written (a corrected command may reuse {run.path})")
             raise NonFiniteLoss(f"{cfg.method}: the loss became {means['loss']} in epoch {epoch}; the run stops and "
                                 f"{kept}; lower the lr (it was {base_lr:g}) or check the data")
-        tic_eval = time.perf_counter()
-        record = {"epoch": epoch, **means, "lr": lr, **_evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)}
-        record.update(epoch_time=seconds, images_per_s=steps * cfg.batch_size / seconds,
-                      eval_time=time.perf_counter() - tic_eval,
-                      peak_memory_mb=peak_memory_mb(device), device_name=device_name(device))  # measured cost
-        history.append(end_of_epoch(epoch, record))
-
-        # snapshots first, then the checkpoint that says they exist
-        if epoch in cfg.snapshot_epochs:
-            run.save(model.backbone.state_dict(), f"backbone_epoch{epoch:03d}.pt")
-        if record["knn_top1"] >= max(h["knn_top1"] for h in history[1:]):
-            run.save(model.backbone.state_dict(), "backbone_best.pt")
-        if epoch == cfg.epochs:
-            run.save(model.backbone.state_dict(), "backbone.pt")
-        run.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                  "rng": _rng_states(gen, device), "history": history})
-        run.write_history(history)
+        rng = _rng_states(gen, device)
+        rng_ranks = distributed.gather_objects(rng, ctx) if ctx.distributed else None
+        if ctx.main:
+            _end_epoch_main(run, cfg, model, epoch, means, lr, seconds, steps, history, bank_ds, test_ds, plain,
+                            amp_dtype, device, end_of_epoch, optimizer, scaler, rng, rng_ranks)
+        distributed.barrier(ctx)  # the others wait for rank 0's evaluation and checkpoint
     return run
+
+
+def _end_epoch_main(run, cfg, model, epoch, means, lr, seconds, steps, history, bank_ds, test_ds, plain, amp_dtype,
+                    device, end_of_epoch, optimizer, scaler, rng, rng_ranks) -> None:
+    """Rank 0's end of an epoch: evaluate, record, then snapshots and the checkpoint."""
+    tic_eval = time.perf_counter()
+    record = {"epoch": epoch, **means, "lr": lr, **_evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)}
+    record.update(epoch_time=seconds, images_per_s=steps * cfg.batch_size / seconds,
+                  eval_time=time.perf_counter() - tic_eval,
+                  peak_memory_mb=peak_memory_mb(device), device_name=device_name(device))  # measured cost
+    history.append(end_of_epoch(epoch, record))
+
+    # snapshots first, then the checkpoint that says they exist
+    if epoch in cfg.snapshot_epochs:
+        run.save(model.backbone.state_dict(), f"backbone_epoch{epoch:03d}.pt")
+    if record["knn_top1"] >= max(h["knn_top1"] for h in history[1:]):
+        run.save(model.backbone.state_dict(), "backbone_best.pt")
+    if epoch == cfg.epochs:
+        run.save(model.backbone.state_dict(), "backbone.pt")
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng, "history": history}
+    if rng_ranks is not None:
+        ckpt["rng_ranks"] = rng_ranks  # every process's streams: a resumed run goes on as if never stopped
+    run.save(ckpt)
+    run.write_history(history)
+
+
+def _check_distributed_batch(cfg: TrainConfig, world: int) -> None:
+    """The global batch must split evenly into the processes, and each share must suit the method."""
+    if cfg.batch_size % world or cfg.batch_size // world < 2:
+        raise ValueError(f"batch_size {cfg.batch_size} is the global batch and must split into {world} processes of "
+                         f"at least 2 images each; valid: a multiple of {world}, at least {2 * world}")
+    try:
+        METHODS[cfg.method].cls.check_batch(cfg.batch_size // world, cfg.method_kwargs)
+    except ValueError as e:
+        raise ValueError(f"with {world} processes each trains on batch_size / {world} = {cfg.batch_size // world} "
+                         f"images: {e}") from None
 
 
 def load_or_train(cfg: TrainConfig, name: str | None = None, root=None, quick: bool = False, **kwargs) -> Run:
