@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"one of: {', '.join(BACKBONES)} ({method_default})")
     pre.add_argument("--width", type=int, help="base channels of the ResNet (64: standard; 8 in quick mode)")
     pre.add_argument("--epochs", type=int, help=method_default)
-    pre.add_argument("--batch-size", type=int, help=method_default)
+    pre.add_argument("--batch-size", type=int,
+                     help=f"{method_default}; under torchrun the global batch, split over the processes")
     pre.add_argument("--optimizer", choices=list(OPTIMIZERS), help="default: the method's (LARS for VICReg, else SGD)")
     pre.add_argument("--lr", type=float, help=f"base learning rate, before any batch-size scaling ({method_default})")
     pre.add_argument("--lr-batch-scaling", action=argparse.BooleanOptionalAction,

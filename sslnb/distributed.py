@@ -188,17 +188,6 @@ def gather_objects(obj, ctx: ProcessContext) -> list:
     return out
 
 
-def broadcast_object(obj, ctx: ProcessContext):
-    """Rank 0's `obj` in every process."""
-    if not ctx.distributed:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def finish() -> None:
     """Leave the process group, if this process joined one (the command line's last step)."""
     import torch.distributed as dist

@@ -6,7 +6,8 @@ optimizer. Nothing waits for the host inside an epoch except the progress bar's 
 (twice a second at most) and DirectPred's eigendecomposition, which that method needs at
 every step. After each epoch the run records the mean of every loss term, the learning
 rate, kNN top-1 on the test set, collapse statistics and throughput, then writes an atomic
-checkpoint from which the next epoch can start in another process.
+checkpoint from which the next epoch can start in another process. Under torchrun the same
+loop runs in every process, each on its shard of the data (sslnb.distributed).
 """
 from __future__ import annotations
 
