@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--quick", action="store_true", default=quick,
                      help="seconds on a CPU: digits, a tiny backbone, a few epochs (default when SSLNB_QUICK=1)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.add_argument("--compile", action="store_true",
+                     help="torch.compile the training step (a GPU's long run: minutes to compile, then faster steps)")
 
     ev = sub.add_parser("evaluate", help="evaluate a run's backbone; prints one JSON object")
     ev.add_argument("--run-dir", required=True)
@@ -149,7 +151,8 @@ def pretrain(args) -> dict:
     from .runs import runs_root
 
     run_dir = args.run_dir or runs_root(args.quick) / f"{cfg.method}_{cfg.dataset}"
-    run = train(cfg, run_dir, device=args.device, progress=not args.no_progress, until_epoch=args.until_epoch)
+    run = train(cfg, run_dir, device=args.device, progress=not args.no_progress, until_epoch=args.until_epoch,
+                compile_model=args.compile)
     last = run.history[-1]
     return {"run_dir": str(run.path), "epochs_done": last["epoch"], "knn_top1": _pct(last["knn_top1"]),
             "knn_top1_epoch0": _pct(run.history[0]["knn_top1"]), "finished": run.finished}

@@ -2,9 +2,10 @@
 
 The whole dataset sits on the device; each step draws a batch by a device permutation,
 augments it there into two views, runs the method under mixed precision and steps the
-optimizer. Nothing waits for the host inside an epoch except the progress bar's loss
-(twice a second at most) and DirectPred's eigendecomposition, which that method needs at
-every step. After each epoch the run records the mean of every loss term, the learning
+optimizer. On a GPU the host never waits for the device inside an epoch (the progress bar
+shows a loss copied asynchronously), except for DirectPred's eigendecomposition, which that
+method needs at every step. On a CPU shared with busy processes the loop uses only the cores
+they leave free (sslnb.cpu). After each epoch the run records the mean of every loss term, the learning
 rate, kNN top-1 on the test set, collapse statistics and throughput, then writes an atomic
 checkpoint from which the next epoch can start in another process. Under torchrun the same
 loop runs in every process, each on its shard of the data (sslnb.distributed).
@@ -24,6 +25,7 @@ import torch
 
 from . import augment, distributed
 from .analysis import collapse_stats
+from .cpu import SharedCpuThreads
 from .data import DATASETS, ImageDataset, iterate_batches, labelled_subset, load_dataset
 from .evaluate import KNN_K, KNN_T, extract_features, knn_accuracy
 from .methods import METHODS, build_method, check_options
@@ -256,6 +258,27 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else device.type
 
 
+class _LossForDisplay:
+    """The progress bar's loss without a host sync on a GPU: each display starts an asynchronous
+    copy of the current loss and shows the one started at the previous display (half a second
+    ago), if the GPU has finished it; on a CPU the loss is simply read."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.pending = device.type == "cuda", None
+
+    def swap(self, loss: torch.Tensor) -> float | None:
+        if not self.cuda:
+            return float(loss)
+        ready = self.pending is not None and self.pending[1].query()  # query() never waits
+        shown = float(self.pending[0]) if ready else None
+        if self.pending is None or ready:
+            copy = loss.detach().to("cpu", non_blocking=True)  # into pinned memory, queued after the step
+            done = torch.cuda.Event()
+            done.record()
+            self.pending = (copy, done)
+        return shown
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -305,18 +328,21 @@ def untrained_as_evaluated(model: torch.nn.Module, images: torch.Tensor, transfo
 
 
 def train(cfg: TrainConfig, run_dir=None, device: str | torch.device = "auto", callbacks=(), progress: bool = True,
-          until_epoch: int | None = None, data: tuple[ImageDataset, ImageDataset] | None = None) -> Run:
+          until_epoch: int | None = None, data: tuple[ImageDataset, ImageDataset] | None = None,
+          compile_model: bool = False) -> Run:
     """Train (or resume) the run in `run_dir` and return it.
 
     `until_epoch` stops after that epoch (the schedule still spans `cfg.epochs`): a run can be
     trained in pieces. `callbacks` are called as `cb(EpochEnd)` after every epoch and may
     return a dict of extra fields for the history. `data` skips loading `(train, test)`.
+    `compile_model` runs the training step's forward through `torch.compile` (every batch has
+    the same shape, so it compiles once; worth it on a GPU for long runs, minutes to compile).
     Ctrl-C raises `Interrupted` saying where the run stopped; every checkpoint is written
     atomically, so the last one always loads and the same call resumes from it.
     """
     run_dir = run_dir or runs_root() / f"{cfg.method}_{cfg.dataset}"
     try:
-        return _train(cfg, run_dir, device, callbacks, progress, until_epoch, data)
+        return _train(cfg, run_dir, device, callbacks, progress, until_epoch, data, compile_model)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted {_where_stopped(Run(run_dir), cfg, 'the same command (or cell)')}") from None
     except RuntimeError as e:  # under torchrun: another process ended, and a collective failed or torchrun stopped us
@@ -343,7 +369,8 @@ def _where_stopped(run: Run, cfg: TrainConfig, resume: str) -> str:
 
 
 def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callbacks=(), progress: bool = True,
-           until_epoch: int | None = None, data: tuple[ImageDataset, ImageDataset] | None = None) -> Run:
+           until_epoch: int | None = None, data: tuple[ImageDataset, ImageDataset] | None = None,
+           compile_model: bool = False) -> Run:
     """`train` without the Ctrl-C message (the arguments are `train`'s)."""
     from tqdm.auto import tqdm
 
@@ -414,6 +441,8 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
             record.update(_plain(cb(ctx_) or {}))
         return record
 
+    cpu_threads = SharedCpuThreads(device)  # starts measuring what other processes take of the CPU
+
     # resume, or start with epoch 0: the untrained backbone
     ckpt = run.load(map_location="cpu")  # RNG states must stay CPU tensors; weights are copied to the device
     if ckpt is not None:
@@ -445,44 +474,53 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
     forward = model
     if ctx.distributed:  # after epoch 0 was evaluated by rank 0 alone: a synchronised BN there would wait for the rest
         forward = distributed.wrap(model, device, METHODS[cfg.method].cls.sync_batchnorm)
+    if compile_model:  # the weights stay `model`'s: checkpoints and evaluation never see the compiled wrapper
+        forward = torch.compile(forward)
+    shown_loss = _LossForDisplay(device)
     start = history[-1]["epoch"] + 1
     last = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
 
-    for epoch in range(start, last + 1):
-        peak_memory_mb(device, reset=True)  # each epoch's record holds its own peak
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        tic, shown = time.perf_counter(), 0.0
-        bar = tqdm(iterate_batches(fit_ds, local_batch, generator=gen), total=steps,
-                   desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
-        for i, (images, labels) in enumerate(bar):
-            lr = set_lr(optimizer, (epoch - 1) * steps + i, total_steps, warmup_steps, base_lr, cfg.final_lr)
-            x = views(images, generator=gen)
-            if channels_last:
-                x = [v.contiguous(memory_format=torch.channels_last) for v in x]
-            terms = train_step(model, optimizer, scaler, x, labels, amp_dtype, forward)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            if progress and time.perf_counter() - shown > 0.5:  # the only host sync in an epoch
-                bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.4g}")
-                shown = time.perf_counter()
-        bar.close()
-        if ctx.distributed:  # the mean over every process's batches: what one process on the global batch reports
-            sums = {k: distributed.mean_over_processes(v) for k, v in sums.items()}
-        means = {k: float(v / steps) for k, v in sums.items()}  # one sync per epoch
-        seconds = time.perf_counter() - tic
-        if not math.isfinite(means["loss"]):
-            kept = (f"keeps its last good checkpoint (epoch {epoch - 1}) in {run.path}"
-                    if (run.path / "checkpoint.pt").exists() else
-                    f"no epoch finished, so no checkpoint was written (a corrected command may reuse {run.path})")
-            raise NonFiniteLoss(f"{cfg.method}: the loss became {means['loss']} in epoch {epoch}; the run stops and "
-                                f"{kept}; lower the lr (it was {base_lr:g}) or check the data")
-        rng = _rng_states(gen, device)
-        rng_ranks = distributed.gather_objects(rng, ctx) if ctx.distributed else None
-        if ctx.main:
-            _end_epoch_main(run, cfg, model, epoch, means, lr, seconds, steps, history, bank_ds, test_ds, plain,
-                            amp_dtype, device, end_of_epoch, optimizer, scaler, rng, rng_ranks)
-        distributed.barrier(ctx)  # the others wait for rank 0's evaluation and checkpoint
+    try:
+        for epoch in range(start, last + 1):
+            peak_memory_mb(device, reset=True)  # each epoch's record holds its own peak
+            model.train()
+            sums: dict[str, torch.Tensor] = {}
+            tic, shown = time.perf_counter(), 0.0
+            bar = tqdm(iterate_batches(fit_ds, local_batch, generator=gen), total=steps,
+                       desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+            for i, (images, labels) in enumerate(bar):
+                lr = set_lr(optimizer, (epoch - 1) * steps + i, total_steps, warmup_steps, base_lr, cfg.final_lr)
+                cpu_threads.update()  # a CPU shared with busy processes: only the free cores
+                x = views(images, generator=gen)
+                if channels_last:
+                    x = [v.contiguous(memory_format=torch.channels_last) for v in x]
+                terms = train_step(model, optimizer, scaler, x, labels, amp_dtype, forward)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                if progress and time.perf_counter() - shown > 0.5:  # twice a second, without waiting for a GPU
+                    loss = shown_loss.swap(terms["loss"])
+                    if loss is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}")
+                    shown = time.perf_counter()
+            bar.close()
+            if ctx.distributed:  # the mean over every process's batches: what one process on the global batch reports
+                sums = {k: distributed.mean_over_processes(v) for k, v in sums.items()}
+            means = {k: float(v / steps) for k, v in sums.items()}  # one sync per epoch
+            seconds = time.perf_counter() - tic
+            if not math.isfinite(means["loss"]):
+                kept = (f"keeps its last good checkpoint (epoch {epoch - 1}) in {run.path}"
+                        if (run.path / "checkpoint.pt").exists() else
+                        f"no epoch finished, so no checkpoint was written (a corrected command may reuse {run.path})")
+                raise NonFiniteLoss(f"{cfg.method}: the loss became {means['loss']} in epoch {epoch}; the run stops and "
+                                    f"{kept}; lower the lr (it was {base_lr:g}) or check the data")
+            rng = _rng_states(gen, device)
+            rng_ranks = distributed.gather_objects(rng, ctx) if ctx.distributed else None
+            if ctx.main:
+                _end_epoch_main(run, cfg, model, epoch, means, lr, seconds, steps, history, bank_ds, test_ds, plain,
+                                amp_dtype, device, end_of_epoch, optimizer, scaler, rng, rng_ranks)
+            distributed.barrier(ctx)  # the others wait for rank 0's evaluation and checkpoint
+    finally:
+        cpu_threads.restore()
     return run
 
 
