@@ -12,6 +12,7 @@ code and command produced it. This module holds what they share:
     synthetic_cifar(n)          random CIFAR-sized uint8 images (HWC, as CIFAR stores them) + labels
     TwoViewDataset, make_loader the torchvision/PIL two-view pipeline behind a DataLoader
     build_like_train(cfg, dev)  model, optimizer, scaler, precision as sslnb.train builds them
+    plain_loop(cfg, dev, ...)   the plain PyTorch training loop a DataLoader would feed
     parse_device, print_machine, loader_pass, to_batch: small helpers named after what they do
 
 The scripts import it as `common` (they are run as `python benchmarks/<script>.py`, which puts
@@ -36,8 +37,8 @@ from PIL import Image
 
 from sslnb import augment
 from sslnb.methods import build_method
-from sslnb.optim import build_optimizer
-from sslnb.train import pick_device, pick_precision  # the same choices as sslnb.train
+from sslnb.optim import build_optimizer, set_lr
+from sslnb.train import pick_device, pick_precision, seed_everything  # the same choices as sslnb.train
 
 RESULTS = Path(__file__).parent / "results"
 DEVICES = ("auto", "cpu", "cuda", "mps")  # cuda:N also works: pick_device checks it
@@ -174,6 +175,38 @@ def build_like_train(cfg, device):
                                 fused=fp16)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     return model, optimizer, scaler, amp_dtype, base_lr
+
+
+def plain_loop(cfg, device, batches, steps: int) -> list:
+    """Train cfg's model for cfg.epochs epochs on `batches()` (a fresh iterator of (x1, x2, labels)
+    per epoch) with the plain PyTorch steps, the lr schedule of sslnb.train; returns each epoch's
+    seconds and the trained model."""
+    seed_everything(cfg.seed)  # same init and cudnn.benchmark setting as sslnb.train
+    model, optimizer, scaler, amp_dtype, base_lr = build_like_train(cfg, device)
+    channels_last = device.type == "cuda"
+    seconds = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        total = torch.zeros((), device=device)
+        tic = time.perf_counter()
+        for i, (x1, x2, labels) in enumerate(batches()):
+            # copies from pinned memory return at once and overlap with the GPU's work (no-ops on CPU)
+            x1, x2, labels = (t.to(device, non_blocking=True) for t in (x1, x2, labels))
+            if channels_last:
+                x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+            set_lr(optimizer, epoch * steps + i, cfg.epochs * steps, cfg.warmup_epochs * steps, base_lr, cfg.final_lr)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = model(x1, x2, labels)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            model.after_step()
+            total += loss.detach()  # kept on the device: no host sync inside the epoch, as sslnb.train
+        float(total)  # one host sync per epoch: the epoch's work has finished when the clock stops
+        seconds.append(time.perf_counter() - tic)
+    return seconds, model
+
 
 
 # -- data -------------------------------------------------------------------------------------

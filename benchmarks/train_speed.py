@@ -9,58 +9,30 @@ For each method and backbone width, in one run, on random CIFAR-sized images:
       memory and non-blocking copies on CUDA);
   (c) the same plain loop fed views made once before timing and kept on the device: the limit
       where preparing data costs nothing.
-Each contender runs --epochs epochs; the first is a warm-up (cuDNN's search, workers starting,
-allocator growth) and is excluded; images/s is the median over the others. The table's ratio
-is against (b) with 1 worker. Writes benchmarks/results/train_speed.json.
+On a CPU every contender gets the same cores (--threads, default all): (a) and (c) use them as
+torch threads, (b) with W workers gives W of them to its workers and the rest (at least 1) to
+its main process (2 workers on 2 cores: 1 + 2 processes, more than cores). Each contender runs
+--epochs epochs; the first is a warm-up (cuDNN's search, workers starting, allocator growth)
+and is excluded; images/s is the median over the others. The table's ratio is against (b)
+with 1 worker. Writes benchmarks/results/train_speed.json.
 
-    python benchmarks/train_speed.py                               # simclr, byol; width 8; 1 CPU thread
+    python benchmarks/train_speed.py                               # simclr, byol; width 8; all cores
     python benchmarks/train_speed.py --width 8 16 --epochs 3
     python benchmarks/train_speed.py --device cuda --width 64      # 50,000 images per epoch
     python benchmarks/train_speed.py --images 512 --epochs 2 --batch-size 128 --out /tmp/t.json
 """
 import argparse
+import os
 import tempfile
-import time
 
 import torch
 
 from sslnb import augment
 from sslnb.data import ImageDataset
-from sslnb.optim import set_lr
-from sslnb.train import default_config, pick_precision, seed_everything, train
+from sslnb.train import default_config, pick_precision, train
 
-from common import (DEVICES, build_like_train, default_out, describe_machine, make_loader, median, parse_device,
+from common import (DEVICES, default_out, describe_machine, make_loader, median, parse_device, plain_loop,
                     print_machine, synthetic_cifar, to_batch, TwoViewDataset, write_json)
-
-
-def plain_loop(cfg, device, batches, steps: int) -> list:
-    """Train cfg's model for cfg.epochs epochs on `batches()` (a fresh iterator of (x1, x2, labels)
-    per epoch) with the plain PyTorch steps; returns each epoch's seconds."""
-    seed_everything(cfg.seed)  # same init and cudnn.benchmark setting as sslnb.train
-    model, optimizer, scaler, amp_dtype, base_lr = build_like_train(cfg, device)
-    channels_last = device.type == "cuda"
-    seconds = []
-    for epoch in range(cfg.epochs):
-        model.train()
-        total = torch.zeros((), device=device)
-        tic = time.perf_counter()
-        for i, (x1, x2, labels) in enumerate(batches()):
-            # copies from pinned memory return at once and overlap with the GPU's work (no-ops on CPU)
-            x1, x2, labels = (t.to(device, non_blocking=True) for t in (x1, x2, labels))
-            if channels_last:
-                x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
-            set_lr(optimizer, epoch * steps + i, cfg.epochs * steps, 0, base_lr, cfg.final_lr)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = model(x1, x2, labels)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            model.after_step()
-            total += loss.detach()  # kept on the device: no host sync inside the epoch, as sslnb.train
-        float(total)  # one host sync per epoch: the epoch's work has finished when the clock stops
-        seconds.append(time.perf_counter() - tic)
-    return seconds
 
 
 def premade_views(method, images, labels, mean, std, batch_size):
@@ -80,15 +52,17 @@ def main():
     parser.add_argument("--epochs", type=int, default=2, help="per contender; the first is a warm-up, not counted")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader settings of (b)")
     parser.add_argument("--device", default="auto", help=", ".join(DEVICES))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process (CPU default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU: the cores each contender gets (default: all); (b) with W workers runs its main "
+                             "process on threads - W of them (at least 1)")
     parser.add_argument("--out", default=default_out("train_speed"))
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first epoch is a warm-up and is not counted")
 
     device = parse_device(parser, args.device)
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(threads)
     n_images = args.images or (50_000 if device.type == "cuda" else 4096)
     if args.batch_size > n_images:
         parser.error(f"--batch-size {args.batch_size} is larger than --images {n_images}")
@@ -123,12 +97,17 @@ def main():
             dataset = TwoViewDataset(arrays, labels, method, mean, std)
             for workers in args.workers:
                 print(f", (b) {workers} workers", end="", flush=True)
+                # equal cores: the workers take theirs from the main process's threads (on a CPU)
+                main_threads = max(1, threads - workers) if device.type == "cpu" else threads
+                torch.set_num_threads(main_threads)
                 loader = make_loader(dataset, args.batch_size, workers, device)
-                seconds = plain_loop(cfg, device, lambda: iter(loader), steps)
+                seconds, _ = plain_loop(cfg, device, lambda: iter(loader), steps)
                 del loader  # stops its persistent workers before the next setting starts its own
+                torch.set_num_threads(threads)
                 ips = median([steps * args.batch_size / s for s in seconds[1:]])
-                rows.append(dict(method=method, width=width, pipeline=f"plain loop, DataLoader {workers} workers",
-                                 workers=workers, images_per_s=ips, epoch_s=seconds))
+                rows.append(dict(method=method, width=width, workers=workers, main_threads=main_threads,
+                                 pipeline=f"plain loop, DataLoader {workers} workers, {main_threads} thread(s)",
+                                 images_per_s=ips, epoch_s=seconds))
 
             # (c) plain loop fed views made before the clock starts; slices of them cost nothing
             print(", (c) pre-made views", flush=True)
@@ -137,7 +116,7 @@ def main():
             if device.type == "cuda":
                 x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
             b = args.batch_size
-            seconds = plain_loop(cfg, device, lambda: ((x1[i:i + b], x2[i:i + b], y[i:i + b])
+            seconds, _ = plain_loop(cfg, device, lambda: ((x1[i:i + b], x2[i:i + b], y[i:i + b])
                                                        for i in range(0, steps * b, b)), steps)
             del x1, x2, y
             rows.append(dict(method=method, width=width, pipeline="plain loop, pre-made views on device",
@@ -152,12 +131,12 @@ def main():
     print()
     print_machine(machine)
     print(f"{n_images} random 32x32 images per epoch, batch {args.batch_size} ({steps} steps), {args.epochs} epochs "
-          f"per contender, first excluded; torch threads {torch.get_num_threads()} (DataLoader workers: 1 each); "
+          f"per contender, first excluded; {threads} cores per contender (DataLoader workers: 1 thread each); "
           f"precision {pick_precision(device) or 'float32'}; {device}")
-    print(f"{'method':<9}{'width':>6}  {'pipeline':<48}{'img/s':>9}{'vs (b) 1 worker':>17}")
+    print(f"{'method':<9}{'width':>6}  {'pipeline':<56}{'img/s':>9}{'vs (b) 1 worker':>17}")
     for r in rows:
         ratio = f"{r['ratio_to_loader_1_worker']:.2f}x" if r["ratio_to_loader_1_worker"] else "n/a"
-        print(f"{r['method']:<9}{r['width']:>6}  {r['pipeline']:<48}{r['images_per_s']:>9.0f}{ratio:>17}")
+        print(f"{r['method']:<9}{r['width']:>6}  {r['pipeline']:<56}{r['images_per_s']:>9.0f}{ratio:>17}")
     for r in rows:
         if "knn_monitor_s" in r:
             print(f"{r['method']} width {r['width']}: sslnb.train's kNN monitor took "
@@ -166,7 +145,7 @@ def main():
 
     write_json(dict(methods=args.methods, widths=args.width, batch_size=args.batch_size, images=n_images,
                     test_images=args.test_images, epochs=args.epochs, steps_per_epoch=steps, workers=args.workers,
-                    threads=torch.get_num_threads(), precision=str(pick_precision(device) or "float32"),
+                    threads=threads, precision=str(pick_precision(device) or "float32"),
                     machine=machine, results=rows), args.out)
 
 

@@ -226,8 +226,13 @@ def main(argv=None) -> int:
     from .runs import RunError
     from .train import NonFiniteLoss
 
-    ctx = launched()
-    prog = f"python -m sslnb {args.command}" + (f" (process {ctx.rank} of {ctx.world_size})" if ctx.distributed else "")
+    prog = f"python -m sslnb {args.command}"
+    try:
+        ctx = launched()
+    except ValueError as e:  # torchrun's variables, set by hand and wrong
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    prog += f" (process {ctx.rank} of {ctx.world_size})" if ctx.distributed else ""
     stdout, show = sys.stdout, warnings.showwarning
     warnings.showwarning = lambda message, *a, **k: print(f"{prog}: warning: {message}", file=sys.stderr)
     try:
@@ -254,7 +259,11 @@ def _exit(status: int) -> None:
     one exit in 30 aborted there with SIGABRT; pytorch/pytorch#179291): its work is on disk."""
     from .distributed import finish, launched
 
-    if launched().distributed:
+    try:
+        several = launched().distributed
+    except ValueError:  # already reported by main
+        several = False
+    if several:
         with contextlib.suppress(Exception):
             finish()
         sys.stdout.flush()
