@@ -2,7 +2,7 @@
 with the torchvision/PIL pipeline behind a DataLoader.
 
 For each seed, the same method, model, optimizer and lr schedule are trained on an image folder
-(e.g. the 5,000 / 1,000 real CIFAR-10 images of ../shared/data/cifar10-dev) twice:
+(e.g. 5,000 / 1,000 real CIFAR-10 images in train/<class>/ and test/<class>/) twice:
   (a) sslnb.train: the data on the device, the batched augmentations;
   (b) the plain loop of benchmarks/common.py fed by a DataLoader of the same settings as
       torchvision/PIL transforms, image by image;
@@ -10,7 +10,7 @@ then both backbones are scored by the same weighted kNN on the test images (ssln
 The seeds give the noise: the two pipelines agree when their means differ by less than the
 spread between seeds. Writes benchmarks/results/pipeline_parity.json.
 
-    python benchmarks/pipeline_parity.py --data-root ../shared/data/cifar10-dev
+    python benchmarks/pipeline_parity.py --data-root DIR
     python benchmarks/pipeline_parity.py --data-root DIR --method byol --epochs 8 --seeds 0 1 2
 """
 import argparse
