@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds on a CPU: digits, a tiny backbone, a few epochs (default when SSLNB_QUICK=1)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.add_argument("--compile", action="store_true",
-                     help="torch.compile the training step (a GPU's long run: minutes to compile, then faster steps)")
+                     help="torch.compile the training step (for a GPU's long run; compiling takes minutes; its gain is not "
+                          "measured here)")
 
     ev = sub.add_parser("evaluate", help="evaluate a run's backbone; prints one JSON object")
     ev.add_argument("--run-dir", required=True)

@@ -4,12 +4,13 @@ torch runs each operator on all its intra-op threads and waits for the slowest a
 another busy process holds one of the cores, one of our threads only runs when the scheduler
 gives it that core back (milliseconds later), and every one of the thousands of operators of a
 step waits for it: on this 2-core machine, beside one busy process, 2 threads trained at 26% of
-their idle speed and 1 thread at 71% (README, "Performance"). Waiting passively instead of
-spinning (OMP_WAIT_POLICY=PASSIVE) does not help (29%): the barrier is the cost, not the spin.
+their idle speed and 1 thread at 70% of it (benchmarks/contention.py). Waiting passively instead
+of spinning (OMP_WAIT_POLICY=PASSIVE, tried by hand) did not help (29%): the barrier is the cost.
 
 So the loop asks, every few seconds, how much CPU the other processes took (Linux's /proc/stat,
 minus this process's own time) and uses only the cores they leave free, never more threads than
-it started with. Elsewhere (no /proc), on a GPU, or with one thread it does nothing.
+it started with. Elsewhere (no /proc, a container limited to part of the machine, `--compile`,
+whose CPU kernels fix their thread count), on a GPU, or with one thread it does nothing.
 """
 from __future__ import annotations
 
@@ -33,6 +34,20 @@ def _read_cpu_times() -> tuple[int, int, int]:
     return user + nice + system + irq + softirq + steal, own, cpus
 
 
+def _sees_whole_machine(cpus: int) -> bool:
+    """Whether /proc/stat's load is ours to read: it describes the whole machine, so only a process
+    that may use every CPU of it, without a container's CPU quota, can judge its free cores by it."""
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) != cpus:
+        return False
+    for path, unlimited in (("/sys/fs/cgroup/cpu.max", "max"), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1")):
+        try:
+            with open(path) as f:
+                return f.read().split()[0] == unlimited
+        except (OSError, IndexError):
+            continue
+    return True
+
+
 def free_threads(others_busy: float, cpus: int, most: int) -> int:
     """Threads to use when other processes keep `others_busy` CPUs busy: the free cores (a core
     the others use a quarter of the time or less still counts as free), at least 1, at most `most`."""
@@ -43,20 +58,26 @@ class SharedCpuThreads:
     """Keeps torch's intra-op threads at the cores other processes leave free (see module doc).
     Call `update()` often (it acts every `INTERVAL_S` seconds) and `restore()` at the end."""
 
-    def __init__(self, device: torch.device, interval_s: float = INTERVAL_S):
+    def __init__(self, device: torch.device, interval_s: float = INTERVAL_S, enabled: bool = True):
         self.most = torch.get_num_threads()  # what the user (or torch) chose: the ceiling
         self.interval_s = interval_s
-        self.enabled = device.type == "cpu" and self.most > 1
+        self.enabled = enabled and device.type == "cpu" and self.most > 1
         if self.enabled:
             try:
                 self._last = (time.perf_counter(), *_read_cpu_times())
+                self.enabled = _sees_whole_machine(self._last[3])  # in a container: threads stay as they are
             except (OSError, ValueError, IndexError):  # not Linux: threads stay as they are
                 self.enabled = False
 
     def update(self) -> None:
         if not self.enabled or time.perf_counter() - self._last[0] < self.interval_s:
             return
-        now, busy, own, cpus = time.perf_counter(), *_read_cpu_times()
+        try:
+            now, busy, own, cpus = time.perf_counter(), *_read_cpu_times()
+        except (OSError, ValueError, IndexError):  # /proc went away: stop adapting, never stop training
+            self.restore()
+            self.enabled = False
+            return
         t0, busy0, own0, _ = self._last
         hz = os.sysconf("SC_CLK_TCK")
         others = max(0.0, ((busy - busy0) - (own - own0)) / hz / (now - t0))  # CPUs the others used

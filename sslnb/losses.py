@@ -42,7 +42,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.clone()  # autograd's buffer is not ours to change in place
         dist.all_reduce(grad)  # every process's gradient for every row, summed
         n = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]

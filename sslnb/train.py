@@ -2,7 +2,7 @@
 
 The whole dataset sits on the device; each step draws a batch by a device permutation,
 augments it there into two views, runs the method under mixed precision and steps the
-optimizer. On a GPU the host never waits for the device inside an epoch (the progress bar
+optimizer. On CUDA the host never waits for the device inside an epoch (the progress bar
 shows a loss copied asynchronously), except for DirectPred's eigendecomposition, which that
 method needs at every step. On a CPU shared with busy processes the loop uses only the cores
 they leave free (sslnb.cpu). After each epoch the run records the mean of every loss term, the learning
@@ -259,9 +259,9 @@ def device_name(device: torch.device) -> str:
 
 
 class _LossForDisplay:
-    """The progress bar's loss without a host sync on a GPU: each display starts an asynchronous
+    """The progress bar's loss without a host sync on CUDA: each display starts an asynchronous
     copy of the current loss and shows the one started at the previous display (half a second
-    ago), if the GPU has finished it; on a CPU the loss is simply read."""
+    ago), if the GPU has finished it; elsewhere (CPU, MPS) the loss is simply read."""
 
     def __init__(self, device: torch.device):
         self.cuda, self.pending = device.type == "cuda", None
@@ -274,7 +274,7 @@ class _LossForDisplay:
         if self.pending is None or ready:
             copy = loss.detach().to("cpu", non_blocking=True)  # into pinned memory, queued after the step
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(loss.device))  # the loss's GPU, not the current one
             self.pending = (copy, done)
         return shown
 
@@ -385,18 +385,29 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
         _check_distributed_batch(cfg, world)
     run = Run(run_dir or runs_root() / f"{cfg.method}_{cfg.dataset}")
     run.check(dataclasses.asdict(cfg))
+    ctx = distributed.process_context(device)  # joins torchrun's process group; touches nothing in one process
+    if ctx.distributed:  # every process must see rank 0's run folder (several machines: shared storage)
+        seen = distributed.gather_objects((run.finished, run.epochs_done, (run.path / "checkpoint.pt").exists()), ctx)
+        if len(set(seen)) > 1:
+            raise RunError(f"the processes see different contents in {run.path} (finished, epochs, checkpoint per "
+                           f"rank: {seen}); with several machines the run folder must be on storage they all share "
+                           "(--run-dir on a network file system)")
     if run.finished:
         if ctx.main:
             print(f"{run.path} is already finished ({run.epochs_done} epochs): nothing to train")
         return run
-    ctx = distributed.process_context(device)  # joins torchrun's process group; touches nothing in one process
     progress, callbacks = progress and ctx.main, callbacks if ctx.main else ()  # rank 0 talks and evaluates
     amp_dtype = pick_precision(device)
     channels_last = device.type == "cuda"
     seed_everything(cfg.seed)  # the same in every process: the same initial model
 
-    # data on the device; the supervised baseline may see only a fraction of the labels
+    # data on the device; the supervised baseline may see only a fraction of the labels. Under torchrun
+    # each machine's first process loads (and downloads CIFAR, if needed) before the others read it.
+    if ctx.distributed and ctx.local_rank != 0:
+        distributed.barrier(ctx)
     train_ds, test_ds = data or load_dataset(cfg.dataset, cfg.data_root, cfg.image_size)
+    if ctx.distributed and ctx.local_rank == 0:
+        distributed.barrier(ctx)
     n_fit = (len(labelled_subset(train_ds, fraction=cfg.label_fraction, seed=cfg.seed)) if cfg.label_fraction < 1
              else len(train_ds))
     if cfg.batch_size > n_fit:  # checked before writing, like everything that can be
@@ -441,7 +452,8 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
             record.update(_plain(cb(ctx_) or {}))
         return record
 
-    cpu_threads = SharedCpuThreads(device)  # starts measuring what other processes take of the CPU
+    # starts measuring what other processes take of the CPU; not with --compile, whose CPU kernels fix their threads
+    cpu_threads = SharedCpuThreads(device, enabled=not compile_model)
 
     # resume, or start with epoch 0: the untrained backbone
     ckpt = run.load(map_location="cpu")  # RNG states must stay CPU tensors; weights are copied to the device

@@ -33,6 +33,7 @@ def test_shared_cpu_threads_follow_the_other_processes_load(monkeypatch):
     ])
     monkeypatch.setattr(cpu, "time", clock)
     monkeypatch.setattr(cpu, "_read_cpu_times", lambda: next(readings))
+    monkeypatch.setattr(cpu, "_sees_whole_machine", lambda cpus: True)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -51,6 +52,16 @@ def test_shared_cpu_threads_follow_the_other_processes_load(monkeypatch):
         share.restore()
         assert torch.get_num_threads() == 2
         assert not cpu.SharedCpuThreads(torch.device("meta")).enabled  # only a CPU run is governed
+        assert not cpu.SharedCpuThreads(torch.device("cpu"), enabled=False).enabled  # --compile
+
+        def gone():
+            raise OSError("no /proc")
+
+        monkeypatch.setattr(cpu, "_read_cpu_times", gone)
+        torch.set_num_threads(1)
+        clock.now += 1.0
+        share.update()  # a failed read stops the adapting, restores the threads, never raises
+        assert not share.enabled and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
