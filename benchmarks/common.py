@@ -13,7 +13,7 @@ code and command produced it. This module holds what they share:
     TwoViewDataset, make_loader the torchvision/PIL two-view pipeline behind a DataLoader
     build_like_train(cfg, dev)  model, optimizer, scaler, precision as sslnb.train builds them
     plain_loop(cfg, dev, ...)   the plain PyTorch training loop a DataLoader would feed
-    parse_device, print_machine, loader_pass, to_batch: small helpers named after what they do
+    parse_device, device_threads_width, print_machine, loader_pass, to_batch: small helpers
 
 The scripts import it as `common` (they are run as `python benchmarks/<script>.py`, which puts
 this folder on sys.path).
@@ -50,6 +50,15 @@ def parse_device(parser, name: str) -> torch.device:
         return pick_device(name)
     except ValueError as e:
         parser.error(str(e))
+
+
+def device_threads_width(parser, args) -> tuple[torch.device, int]:
+    """The device from --device, torch threads from --threads (on a CPU 1 unless given: the
+    per-thread numbers), and the backbone width from --width (8 on a CPU, 64 elsewhere)."""
+    device = parse_device(parser, args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    return device, args.width or (8 if device.type == "cpu" else 64)
 
 
 def default_out(name: str) -> Path:

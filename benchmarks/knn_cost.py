@@ -22,8 +22,8 @@ from sslnb.evaluate import KNN_K, KNN_T, extract_features, knn_accuracy
 from sslnb.models import resnet
 from sslnb.train import pick_precision, seed_everything
 
-from common import (DEVICES, default_out, describe_machine, median, parse_device, print_machine, synthetic_cifar,
-                    time_it, to_batch, write_json)
+from common import (DEVICES, default_out, describe_machine, device_threads_width, median, print_machine,
+                    synthetic_cifar, time_it, to_batch, write_json)
 
 
 def main():
@@ -38,10 +38,7 @@ def main():
     parser.add_argument("--out", default=default_out("knn_cost"))
     args = parser.parse_args()
 
-    device = parse_device(parser, args.device)
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
-    width = args.width or (8 if device.type == "cpu" else 64)
+    device, width = device_threads_width(parser, args)
     machine = describe_machine(device)
     amp = pick_precision(device)
 

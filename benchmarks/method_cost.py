@@ -31,8 +31,8 @@ from sslnb import augment, budget
 from sslnb.methods import METHODS
 from sslnb.train import default_config, pick_precision, seed_everything, validate
 
-from common import (DEVICES, build_like_train, default_out, describe_machine, median, parse_device, print_machine,
-                    synthetic_cifar, time_it, to_batch, write_json)
+from common import (DEVICES, build_like_train, default_out, describe_machine, device_threads_width, median,
+                    print_machine, synthetic_cifar, time_it, to_batch, write_json)
 
 
 def _rss_peak_kib() -> int:
@@ -124,11 +124,8 @@ def main():
     parser.add_argument("--out", default=default_out("method_cost"))
     args = parser.parse_args()
 
-    device = parse_device(parser, args.device)
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    device, width = device_threads_width(parser, args)
     on_cpu = device.type == "cpu"
-    width = args.width or (8 if on_cpu else 64)
     machine = describe_machine(device)
     amp = pick_precision(device)
 

@@ -159,11 +159,19 @@ def wrap(model: torch.nn.Module, device: torch.device, sync_batchnorm: bool) -> 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def several_processes() -> bool:
+    """Whether a process group of more than one process is running (the losses, MoCo and
+    DirectPred ask this at every step; without torchrun it is False)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
     """The average of `x` over every process (no gradient); `x` itself in one process."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_processes():
         return x
     x = x.clone()
     dist.all_reduce(x)

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .distributed import several_processes
+
 
 def _fp32(loss):
     """Run `loss` outside autocast with its tensor arguments cast to float32."""
@@ -50,7 +52,7 @@ class _AllGather(torch.autograd.Function):
 
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every process, keeping gradients; `x` itself in one process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_processes():
         return _AllGather.apply(x)
     return x
 

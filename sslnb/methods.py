@@ -202,7 +202,7 @@ class MoCo(Method):
 
     @torch.no_grad()
     def keys(self, x):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed.several_processes():
             return self._keys_shuffled_across_processes(x)
         perm = torch.randperm(len(x), device=x.device)  # shuffle-BN emulation
         k = self.key_projector(self.key_backbone(x[perm]))

@@ -447,9 +447,9 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
     total_steps, warmup_steps = cfg.epochs * steps, cfg.warmup_epochs * steps
 
     def end_of_epoch(epoch: int, record: dict, evaluated: torch.nn.Module = model) -> dict:
-        ctx_ = EpochEnd(epoch, evaluated, record, bank_ds, test_ds, plain, device)
+        end = EpochEnd(epoch, evaluated, record, bank_ds, test_ds, plain, device)
         for cb in callbacks:
-            record.update(_plain(cb(ctx_) or {}))
+            record.update(_plain(cb(end) or {}))
         return record
 
     # starts measuring what other processes take of the CPU; not with --compile, whose CPU kernels fix their threads
@@ -523,42 +523,36 @@ def _train(cfg: TrainConfig, run_dir, device: str | torch.device = "auto", callb
                 kept = (f"keeps its last good checkpoint (epoch {epoch - 1}) in {run.path}"
                         if (run.path / "checkpoint.pt").exists() else
                         f"no epoch finished, so no checkpoint was written (a corrected command may reuse {run.path})")
-                raise NonFiniteLoss(f"{cfg.method}: the loss became {means['loss']} in epoch {epoch}; the run stops and "
-                                    f"{kept}; lower the lr (it was {base_lr:g}) or check the data")
+                raise NonFiniteLoss(f"{cfg.method}: the loss became {means['loss']} in epoch {epoch}; the run stops "
+                                    f"and {kept}; lower the lr (it was {base_lr:g}) or check the data")
             rng = _rng_states(gen, device)
             rng_ranks = distributed.gather_objects(rng, ctx) if ctx.distributed else None
-            if ctx.main:
-                _end_epoch_main(run, cfg, model, epoch, means, lr, seconds, steps, history, bank_ds, test_ds, plain,
-                                amp_dtype, device, end_of_epoch, optimizer, scaler, rng, rng_ranks)
+            if ctx.main:  # rank 0: evaluate, record, then snapshots and the checkpoint
+                tic_eval = time.perf_counter()
+                record = {"epoch": epoch, **means, "lr": lr,
+                          **_evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)}
+                record.update(epoch_time=seconds, images_per_s=steps * cfg.batch_size / seconds,
+                              eval_time=time.perf_counter() - tic_eval,
+                              peak_memory_mb=peak_memory_mb(device), device_name=device_name(device))  # measured cost
+                history.append(end_of_epoch(epoch, record))
+
+                # snapshots first, then the checkpoint that says they exist
+                if epoch in cfg.snapshot_epochs:
+                    run.save(model.backbone.state_dict(), f"backbone_epoch{epoch:03d}.pt")
+                if record["knn_top1"] >= max(h["knn_top1"] for h in history[1:]):
+                    run.save(model.backbone.state_dict(), "backbone_best.pt")
+                if epoch == cfg.epochs:
+                    run.save(model.backbone.state_dict(), "backbone.pt")
+                ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "rng": rng, "history": history}
+                if rng_ranks is not None:
+                    ckpt["rng_ranks"] = rng_ranks  # every process's streams: a resumed run goes on as if never stopped
+                run.save(ckpt)
+                run.write_history(history)
             distributed.barrier(ctx)  # the others wait for rank 0's evaluation and checkpoint
     finally:
         cpu_threads.restore()
     return run
-
-
-def _end_epoch_main(run, cfg, model, epoch, means, lr, seconds, steps, history, bank_ds, test_ds, plain, amp_dtype,
-                    device, end_of_epoch, optimizer, scaler, rng, rng_ranks) -> None:
-    """Rank 0's end of an epoch: evaluate, record, then snapshots and the checkpoint."""
-    tic_eval = time.perf_counter()
-    record = {"epoch": epoch, **means, "lr": lr, **_evaluate(model, bank_ds, test_ds, plain, cfg, amp_dtype)}
-    record.update(epoch_time=seconds, images_per_s=steps * cfg.batch_size / seconds,
-                  eval_time=time.perf_counter() - tic_eval,
-                  peak_memory_mb=peak_memory_mb(device), device_name=device_name(device))  # measured cost
-    history.append(end_of_epoch(epoch, record))
-
-    # snapshots first, then the checkpoint that says they exist
-    if epoch in cfg.snapshot_epochs:
-        run.save(model.backbone.state_dict(), f"backbone_epoch{epoch:03d}.pt")
-    if record["knn_top1"] >= max(h["knn_top1"] for h in history[1:]):
-        run.save(model.backbone.state_dict(), "backbone_best.pt")
-    if epoch == cfg.epochs:
-        run.save(model.backbone.state_dict(), "backbone.pt")
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng, "history": history}
-    if rng_ranks is not None:
-        ckpt["rng_ranks"] = rng_ranks  # every process's streams: a resumed run goes on as if never stopped
-    run.save(ckpt)
-    run.write_history(history)
 
 
 def _check_distributed_batch(cfg: TrainConfig, world: int) -> None:
